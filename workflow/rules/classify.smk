@@ -1,0 +1,64 @@
+# The ResNet-LSTM slice classifier: training (one GPU job) and slice probabilities per scan.
+
+
+if trains_classifier():
+
+    rule train_classifier:
+        input:
+            scans=f"{R}/scans.tsv",
+            preprocessed=manifests("preprocess", "cpu"),
+        output:
+            bundle=f"{R}/classifier/model.pt",
+            history=report(
+                f"{R}/classifier/history.tsv",
+                caption="../report/classifier_history.rst",
+                category="Classifier",
+            ),
+            metrics=report(
+                f"{R}/classifier/metrics.tsv",
+                caption="../report/classifier_metrics.rst",
+                category="Classifier",
+            ),
+        params:
+            results=R,
+            config=lambda wildcards: {
+                k: config[k] for k in ("seed", "preprocess", "classifier")
+            },
+        log:
+            f"{LOGS}/train_classifier.log",
+        benchmark:
+            f"{BENCH}/train_classifier.tsv"
+        threads: 8
+        resources:
+            gpu=1,
+            mem_mb=32000,
+            runtime=720,
+        script:
+            "../scripts/train_classifier.py"
+
+
+rule classify_batch:
+    input:
+        bundle=CLASSIFIER,
+        preprocessed=upstream("preprocess", "cpu"),
+    output:
+        manifest=f"{R}/classifier/batches/{{batch}}.tsv",
+    params:
+        scans=batch_scans("gpu"),
+        results=R,
+    log:
+        f"{LOGS}/classify/{{batch}}.log",
+    benchmark:
+        f"{BENCH}/classify/{{batch}}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    script:
+        "../scripts/classify.py"
+
+
+rule classify:
+    input:
+        manifests("classifier", "gpu"),
