@@ -1,0 +1,190 @@
+"""Grad-CAM / Grad-CAM++ through the ResNet-LSTM, one map per slice.
+
+Plain CAM (classifier weights x last feature maps) does not apply here: an LSTM sits between the
+pooled slice features and each slice's logit, so the logit of slice t depends non-linearly on
+every slice's features. Grad-CAM only needs d logit_t / d A_t, the gradient of slice t's logit
+with respect to the activations of the chosen ResNet layer *on slice t*, which is well defined
+through the LSTM.
+
+How (one scan at a time, B=1, T slices):
+
+- one forward of the whole scan. The part of the network before the hooked layer runs without
+  autograd (it has no gradient to give: we differentiate with respect to its output), so the
+  forward costs about what inference costs;
+- T reverse passes from ``logit[t, label]`` to the hooked activations ``A`` (T, K, h, w), keeping
+  only row t of each (the diagonal block). With the default ``layer4`` the graph behind the
+  logits is just pooling + LSTM + linear, so these passes are cheap. On CUDA they are batched
+  into one call (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. vmap over the
+  grad_outputs) in chunks; on CPU a plain loop is faster (measured: vmap over the LSTM backward
+  is ~5x slower there). ``grad_mode`` overrides the choice.
+- Grad-CAM: weights = spatial mean of the gradient; map = ReLU(sum_k w_k A_k).
+  Grad-CAM++ (``method: gradcampp``): weights = sum_ij alpha_ij ReLU(g_ij) with the usual
+  closed form alpha = g^2 / (2 g^2 + sum_ij A g^3) (exponential-score approximation).
+
+Normalisation: maps are upsampled to S x S and divided by their maximum **over the whole scan**,
+not per slice: a slice whose logit barely responds keeps a low map instead of being stretched to
+1, so thresholds mean the same thing on every slice and negative slices stay low.
+
+cuDNN's LSTM cannot run backward in eval mode, so the RNN modules run without cuDNN during the
+CAM forward (the convolutions keep it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hemocam.labelset import LABELS, SUBTYPES
+
+log = logging.getLogger("hemocam")
+
+METHODS = ("gradcam", "gradcampp")
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module named ``name`` (``layer4`` or a dotted path); a bare name is searched anywhere."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    hits = [m for n, m in modules.items() if n.split(".")[-1] == name or n.endswith("." + name)]
+    if len(hits) != 1:
+        raise ValueError(f"CAM layer {name!r}: {len(hits)} modules match (have e.g. {list(modules)[:8]})")
+    return hits[0]
+
+
+@contextlib.contextmanager
+def _rnn_without_cudnn(model: nn.Module):
+    """Run RNN modules with cuDNN off (its backward refuses eval mode); no-op on CPU."""
+    handles = []
+    state = {}
+
+    def pre(_m, _inp):
+        state["prev"] = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False
+
+    def post(_m, _inp, _out):
+        torch.backends.cudnn.enabled = state.pop("prev", True)
+
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_with_activations(model, x, layer):
+    """Forward ``x`` recording the layer output; autograd only from that layer onwards."""
+    store = []
+
+    def hook(_m, _inp, out):
+        # switch autograd on from here: everything before the layer stays graph-free
+        torch.set_grad_enabled(True)
+        a = out.detach().requires_grad_(True)
+        store.append(a)
+        return a
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), _rnn_without_cudnn(model):
+            logits = model(x)
+            logits = logits.float()
+            # torch.no_grad restores the grad mode on exit; the graph built inside survives
+    finally:
+        handle.remove()
+    if not store:
+        raise RuntimeError("CAM layer was not called during the forward pass")
+    return logits, store
+
+
+def _diag_grads(y, acts, grad_mode, chunk):
+    """Per-slice gradients d y[t] / d A[t] for t in range(T); ``acts`` are the hooked outputs."""
+    T = y.shape[0]
+    A = acts[0] if len(acts) == 1 else None
+    if A is None or A.shape[0] != T:
+        # the model ran the layer several times (sliding windows) or batched differently:
+        # Grad-CAM per slice is then not defined by a single activation row
+        raise RuntimeError(f"CAM needs one layer call with {T} rows, got {[tuple(a.shape) for a in acts]}")
+    if grad_mode == "batched":
+        out = torch.empty_like(A)
+        for s in range(0, T, chunk):
+            idx = torch.arange(s, min(s + chunk, T), device=y.device)
+            go = torch.zeros(len(idx), T, device=y.device, dtype=y.dtype)
+            go[torch.arange(len(idx)), idx] = 1.0
+            g = torch.autograd.grad(y, A, grad_outputs=go, is_grads_batched=True, retain_graph=True)[0]
+            out[idx] = g[torch.arange(len(idx)), idx]
+        return A, out
+    out = torch.empty_like(A)
+    for t in range(T):
+        out[t] = torch.autograd.grad(y[t], A, retain_graph=True)[0][t]
+    return A, out
+
+
+def _weights_and_maps(A, G, method):
+    """(T,K,h,w) activations and gradients -> (T,h,w) non-negative maps."""
+    if method == "gradcam":
+        w = G.mean(dim=(2, 3), keepdim=True)
+    elif method == "gradcampp":
+        g2, g3 = G.pow(2), G.pow(3)
+        denom = 2 * g2 + (A * g3).sum(dim=(2, 3), keepdim=True)
+        alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
+        w = (alpha * F.relu(G)).sum(dim=(2, 3), keepdim=True)
+    else:
+        raise ValueError(f"cam.method {method!r} not in {METHODS}")
+    return F.relu((w * A).sum(dim=1))
+
+
+def slice_cams(
+    model: nn.Module,
+    x: torch.Tensor,
+    layer: str | nn.Module = "layer4",
+    label_indices=(0,),
+    method: str = "gradcam",
+    out_size: int | None = None,
+    grad_mode: str = "auto",
+    chunk: int = 16,
+):
+    """Grad-CAM of every slice of one scan.
+
+    ``x``: (1, T, C, H, W) for a model returning logits (1, T, L). Returns ``(maps, probs)``:
+    ``maps[label_index]`` a float32 array (T, out_size, out_size) in [0, 1], normalised by the
+    scan maximum (all zero when the map is zero everywhere); ``probs`` (T, L) sigmoid outputs.
+    """
+    if x.dim() != 5 or x.shape[0] != 1:
+        raise ValueError(f"slice_cams takes one scan (1, T, C, H, W), got {tuple(x.shape)}")
+    if method not in METHODS:
+        raise ValueError(f"cam.method {method!r} not in {METHODS}")
+    mod = find_layer(model, layer) if isinstance(layer, str) else layer
+    if grad_mode == "auto":
+        grad_mode = "batched" if x.is_cuda else "loop"
+    was_training = model.training
+    model.eval()
+    try:
+        logits, acts = _forward_with_activations(model, x, mod)
+        logits = logits[0]
+        maps = {}
+        for li in label_indices:
+            A, G = _diag_grads(logits[:, li], acts, grad_mode, chunk)
+            with torch.no_grad():
+                m = _weights_and_maps(A.float(), G.float(), method)
+                if out_size is not None:
+                    m = F.interpolate(m[:, None], size=(out_size, out_size), mode="bilinear", align_corners=False)[:, 0]
+                m = m.clamp_min(0)
+                peak = m.max()
+                m = m / peak if peak > 0 else torch.zeros_like(m)
+            maps[li] = m.cpu().numpy().astype(np.float32)
+        probs = torch.sigmoid(logits.detach()).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return maps, probs
