@@ -1,0 +1,164 @@
+"""Pseudo-masks: Grad-CAM regions refined with unsupervised intensity cues (the paper's step 2).
+
+For one scan, on the NIfTI grid (all inputs are already there):
+
+1. **slice gate** — only slices that contain hemorrhage: the slice label ``any`` from
+   ``R/labels/{id}.tsv`` when the cohort is labelled (the weak supervision), otherwise the
+   classifier's probability ``any`` from ``R/classifier/slices/{id}.tsv`` >= ``prob_threshold``;
+2. **CAM region** — ``cam >= cam_threshold`` inside the brain mask (``R/brainmask``): where the
+   classifier looked;
+3. **intensity refinement** (``refine``), fitted on the HU values of the CAM region of the whole
+   scan (pooled over its gated slices, which is steadier than per slice):
+   ``kmeans`` — 1-D k-means with ``n_clusters`` (2-3) clusters, keep the hyperdense (highest
+   centroid) cluster, i.e. voxels above the midpoint between the top two centroids;
+   ``otsu`` — keep voxels above Otsu's threshold; ``none`` — no refinement;
+4. **HU window** — only ``hu_min <= HU <= hu_max`` (acute blood is hyperdense, ~50-90 HU; this
+   drops brain, CSF and bone/calcification whatever the clustering did);
+5. **clean-up** — per-slice hole filling (``fill_holes``: clots are heterogeneous and the HU
+   window punches holes into them), then 3-D connected components smaller than
+   ``min_component_voxels`` removed.
+
+The result is a uint8 mask ``R/pseudomask/{id}.nii.gz``. Ground-truth masks are never read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from hemocam.batch import run_batch
+from hemocam.io import InputError, load_nifti, read_tsv, save_nifti
+from hemocam.metrics import remove_small_components
+
+log = logging.getLogger("hemocam")
+
+DEFAULTS = {
+    "cam_threshold": 0.3,  # CAM (scan-normalised, [0,1]) above which a voxel is "where the classifier looked"
+    "hu_min": 45,  # hemorrhage HU window: acute blood ~50-90 HU, minus a partial-volume margin
+    "hu_max": 95,
+    "refine": "kmeans",  # kmeans | otsu | none
+    "n_clusters": 3,  # k-means classes in the CAM region: CSF/oedema, parenchyma, blood
+    "min_component_voxels": 20,  # smaller 3-D components are noise
+    "prob_threshold": 0.5,  # slice gate from classifier probabilities on unlabelled cohorts
+    "fill_holes": True,
+}
+
+
+def _cfg(cfg_pm: dict | None) -> dict:
+    cfg = dict(DEFAULTS)
+    cfg.update({k: v for k, v in (cfg_pm or {}).items() if v is not None})
+    if cfg["refine"] not in ("kmeans", "otsu", "none"):
+        raise ValueError(f"pseudomask.refine {cfg['refine']!r} not in kmeans|otsu|none")
+    return cfg
+
+
+def kmeans_1d(values: np.ndarray, k: int, iters: int = 100) -> np.ndarray:
+    """Sorted centroids of a deterministic 1-D k-means (initialised at quantiles)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return np.zeros(0)
+    k = max(1, min(int(k), np.unique(v).size))
+    c = np.quantile(v, (np.arange(k) + 0.5) / k)
+    for _ in range(iters):
+        assign = np.argmin(np.abs(v[:, None] - c[None, :]), axis=1)
+        new = np.array([v[assign == j].mean() if np.any(assign == j) else c[j] for j in range(k)])
+        if np.allclose(new, c):
+            break
+        c = new
+    return np.sort(c)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0 or v.min() == v.max():
+        return float(v.min()) if v.size else 0.0
+    hist, edges = np.histogram(v, bins=bins)
+    mids = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * mids)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[1:][np.argmax(between)])
+
+
+def refine_threshold(hu_in_region: np.ndarray, refine: str, n_clusters: int) -> float:
+    """HU value above which CAM-region voxels are kept (``-inf`` for ``none``)."""
+    if refine == "none" or hu_in_region.size == 0:
+        return -np.inf
+    if refine == "otsu":
+        return otsu_threshold(hu_in_region)
+    c = kmeans_1d(hu_in_region, n_clusters)
+    if c.size < 2:
+        return -np.inf
+    return float(0.5 * (c[-1] + c[-2]))
+
+
+def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None) -> np.ndarray:
+    """The pseudo-mask (bool, like ``hu``) from arrays on one grid; slices are axis 2."""
+    cfg = _cfg(cfg_pm)
+    hu = np.asarray(hu, dtype=np.float32)
+    if not (hu.shape == np.shape(cam) == np.shape(brain)):
+        raise ValueError(f"grids differ: hu {hu.shape}, cam {np.shape(cam)}, brain {np.shape(brain)}")
+    gate = np.zeros(hu.shape[2], bool)
+    gate[np.asarray(positive_slices, dtype=int)] = True
+    region = (np.asarray(cam) >= float(cfg["cam_threshold"])) & (np.asarray(brain) > 0) & gate[None, None, :]
+    if not region.any():
+        return np.zeros(hu.shape, bool)
+    thr = refine_threshold(hu[region], cfg["refine"], int(cfg["n_clusters"]))
+    keep = region & (hu >= thr) & (hu >= float(cfg["hu_min"])) & (hu <= float(cfg["hu_max"]))
+    if cfg["fill_holes"]:
+        for z in np.flatnonzero(keep.any(axis=(0, 1))):
+            # holes are filled only inside the CAM region: no leaking into the brain
+            keep[:, :, z] = ndimage.binary_fill_holes(keep[:, :, z]) & region[:, :, z]
+    return remove_small_components(keep, int(cfg["min_component_voxels"]))
+
+
+def positive_slices(scan_id: str, results_dir, n_slices: int, labelled: bool, prob_threshold: float) -> np.ndarray:
+    """Indices of slices with hemorrhage: from slice labels, or from classifier probabilities."""
+    R = Path(results_dir)
+    if labelled:
+        path = R / "labels" / f"{scan_id}.tsv"
+        col, thr = "any", 0.5
+    else:
+        path = R / "classifier" / "slices" / f"{scan_id}.tsv"
+        col, thr = "any", float(prob_threshold)
+    if not path.exists():
+        raise InputError(f"{path}: missing ({'slice labels' if labelled else 'slice probabilities'})")
+    df = read_tsv(path)
+    if "slice" not in df or col not in df:
+        raise InputError(f"{path}: needs columns 'slice' and '{col}'")
+    s = df["slice"].to_numpy(dtype=int)
+    if len(s) and (s.min() < 0 or s.max() >= n_slices):
+        raise InputError(f"{path}: slice index outside 0..{n_slices - 1}")
+    return np.unique(s[df[col].to_numpy(dtype=float) >= thr])
+
+
+def pseudomask_scan(scan_id: str, results_dir, cfg_pm: dict | None, labelled: bool, out_dir=None) -> dict:
+    """Write ``R/pseudomask/{scan_id}.nii.gz`` (uint8) from CAM, HU, brain mask and slice gate."""
+    R = Path(results_dir)
+    cfg = _cfg(cfg_pm)
+    hu, affine = load_nifti(R / "nifti" / f"{scan_id}.nii.gz")
+    cam, _ = load_nifti(R / "cam" / f"{scan_id}.nii.gz", dtype=np.float32)
+    brain, _ = load_nifti(R / "brainmask" / f"{scan_id}.nii.gz")
+    if hu.ndim != 3:
+        raise InputError(f"{R / 'nifti' / f'{scan_id}.nii.gz'}: expected a 3-D volume, got {hu.shape}")
+    for name, arr in (("cam", cam), ("brainmask", brain)):
+        if arr.shape != hu.shape:
+            raise InputError(f"{R / name / f'{scan_id}.nii.gz'}: shape {arr.shape} differs from the CT {hu.shape}")
+    pos = positive_slices(scan_id, R, hu.shape[2], labelled, cfg["prob_threshold"])
+    mask = build_pseudomask(hu, cam, brain, pos, cfg)
+    out = Path(out_dir) if out_dir is not None else R / "pseudomask"
+    save_nifti(mask.astype(np.uint8), affine, out / f"{scan_id}.nii.gz", dtype=np.uint8)
+    return {"positive_slices": int(len(pos)), "pseudomask_voxels": int(mask.sum())}
+
+
+def pseudomask_batch(scan_ids, results_dir, cfg_pm: dict | None, labelled: bool, manifest_out, upstream=(), processes: int = 1):
+    """Pseudo-masks for a batch of scans; one manifest row per scan."""
+    fn = functools.partial(pseudomask_scan, results_dir=str(results_dir), cfg_pm=dict(cfg_pm or {}), labelled=bool(labelled))
+    return run_batch("pseudomask", list(scan_ids), fn, manifest_out, upstream=upstream, processes=processes)
