@@ -1,0 +1,106 @@
+"""Intracranial mask from HU: remove skull, scalp and everything outside the cranial cavity.
+
+Scalp (skin, muscle, a scalp haematoma) has blood-like HU; if left in, CAMs and HU-based
+pseudo-mask refinement happily "find" bleeds there. The mask must, however, keep epidural and
+subdural collections that lie against the inner table of the skull.
+
+Steps (on the NIfTI grid, slices on axis 2, in-plane sizes in mm from ``spacing``):
+
+1. bone = HU >= ``bone_hu``; keep the big 3-D bone components (the cranium; drops a head rest or
+   loose calcifications).
+2. per slice, the convex hull of that bone: the skull's outer surface is convex, so the scalp lies
+   outside the hull on every slice, including vertex slices (bone cap) and skull-base slices
+   (open rings: foramen magnum, orbits), where hole filling of the ring would fail.
+3. candidates = soft tissue (``soft_min`` <= HU <= ``soft_max``: CSF, brain, blood) inside the hull.
+   At the skull base that still includes orbits, temporal muscles and the neck.
+4. erode the candidates in-plane by ``erode_mm``, keep the largest 3-D component (the brain: the
+   other candidates only touch it through thin gaps in the bone, which the erosion cuts), then grow
+   it back geodesically within the candidates (so a subdural crescent against the inner table,
+   being connected to the brain, comes back whole).
+5. fill holes per slice (calcifications, dense clot) and add the one-pixel partial-volume rim
+   between the mask and the inner table (voxels mixing blood and bone read > ``soft_max``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import convex_hull_image
+
+log = logging.getLogger("hemocam")
+
+
+def _disk(radius_px: tuple[float, float]) -> np.ndarray:
+    """In-plane elliptic structuring element (rx, ry in pixels) as a (2rx+1, 2ry+1, 1) array."""
+    rx, ry = max(radius_px[0], 0.5), max(radius_px[1], 0.5)
+    nx, ny = int(np.floor(rx)), int(np.floor(ry))
+    x, y = np.mgrid[-nx : nx + 1, -ny : ny + 1]
+    return ((x / rx) ** 2 + (y / ry) ** 2 <= 1.0)[:, :, None]
+
+
+def _largest_components(mask: np.ndarray, min_fraction: float, structure=None) -> np.ndarray:
+    lab, n = ndimage.label(mask, structure=structure)
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = np.bincount(lab.ravel())[1:]
+    keep = np.flatnonzero(sizes >= max(1, min_fraction * sizes.max())) + 1
+    return np.isin(lab, keep)
+
+
+def _hulls(bone: np.ndarray, min_pixels: int) -> np.ndarray:
+    out = np.zeros_like(bone, dtype=bool)
+    for k in range(bone.shape[2]):
+        sl = bone[:, :, k]
+        if sl.sum() >= min_pixels:
+            out[:, :, k] = convex_hull_image(sl)
+    return out
+
+
+def brain_mask(
+    hu,
+    spacing,
+    bone_hu: float = 200.0,
+    soft_min: float = -20.0,
+    soft_max: float = 130.0,
+    erode_mm: float = 3.5,
+    bone_min_fraction: float = 0.05,
+) -> np.ndarray:
+    """uint8 intracranial mask (1 inside) of the HU volume ``hu`` (X, Y, Z).
+
+    ``spacing`` is the voxel size in mm (x, y[, z]); only the in-plane sizes are used.
+    """
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"brain_mask needs a 3-D volume, got shape {hu.shape}")
+    sx, sy = float(spacing[0]), float(spacing[1])
+    if not (sx > 0 and sy > 0):
+        raise ValueError(f"invalid in-plane spacing {spacing}")
+
+    bone = hu >= bone_hu
+    bone = _largest_components(bone, bone_min_fraction, structure=np.ones((3, 3, 3), bool))
+    # a hull from a few stray bone pixels would be meaningless: ask for ~1 cm^2 of bone
+    hull = _hulls(bone, min_pixels=max(8, int(100.0 / (sx * sy))))
+    cand = (hu >= soft_min) & (hu <= soft_max) & hull & ~bone
+    if not cand.any():
+        return np.zeros(hu.shape, np.uint8)
+
+    core = ndimage.binary_erosion(cand, structure=_disk((erode_mm / sx, erode_mm / sy)))
+    # 3-D connectivity across slices only through face neighbours: thick slices link weakly
+    conn = ndimage.generate_binary_structure(3, 1)
+    core = _largest_components(core, 1.0, structure=conn)
+    if not core.any():  # tiny heads / very coarse grids: skip the erosion
+        core = _largest_components(cand, 1.0, structure=conn)
+    steps = int(np.ceil(erode_mm / min(sx, sy))) + 2
+    grow = np.zeros((3, 3, 3), bool)
+    grow[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    grow[1, 1, :] = True
+    mask = ndimage.binary_dilation(core, structure=grow, iterations=steps, mask=cand)
+
+    for k in range(mask.shape[2]):
+        if mask[:, :, k].any():
+            mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    rim = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 1), bool)) & ~mask
+    mask |= rim & (hu >= soft_min) & (hu < bone_hu) & hull
+    return mask.astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Networks: ``resnet_lstm`` (slice classifier, Grad-CAM teacher) and ``unet`` (segmenter)."""

@@ -1,0 +1,207 @@
+"""ResNet + bidirectional LSTM slice classifier (the weak-supervision teacher).
+
+Each slice goes through a torchvision ResNet (global-average-pooled features); a bidirectional
+LSTM reads the slice features of a scan in order, so every slice's prediction sees its neighbours
+(bleeds span slices; the RSNA winners all added such a sequence model over per-slice CNN
+embeddings). The head sees the LSTM output concatenated with the slice's own CNN feature (a skip
+connection: the CNN evidence is never washed out by the sequence model).
+
+Grad-CAM hooks ``model.encoder.layer4`` (the last ResNet stage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+log = logging.getLogger("hemocam")
+
+ARCHS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, 512),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2, 2048),
+}
+
+BUNDLE_FORMAT = 1
+
+
+def _hub_weights_file(arch: str) -> Path | None:
+    """The torchvision ImageNet file in the torch hub cache, if someone put it there (no download)."""
+    url = ARCHS[arch][1].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return path if path.exists() else None
+
+
+def _load_pretrained(encoder: nn.Module, arch: str, pretrained, in_channels: int) -> None:
+    if pretrained in (None, "", False, "none"):
+        return
+    if pretrained in ("imagenet", True):
+        path = _hub_weights_file(arch)
+        if path is None:
+            log.warning("ImageNet weights for %s not in the torch hub cache (%s): random init (nothing is "
+                        "downloaded)", arch, Path(torch.hub.get_dir()) / "checkpoints")
+            return
+    else:
+        path = Path(pretrained)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    w = state.get("conv1.weight")
+    if w is not None and w.shape[1] != in_channels:
+        # window channels are not RGB: spread the mean filter over the new channel count
+        state["conv1.weight"] = w.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) * (3.0 / in_channels)
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not {arch} weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    log.info("loaded %s encoder weights from %s", arch, path)
+
+
+class ResNetLSTM(nn.Module):
+    def __init__(
+        self,
+        arch: str = "resnet34",
+        in_channels: int = 3,
+        n_labels: int = 6,
+        lstm_hidden: int = 256,
+        lstm_layers: int = 2,
+        bidirectional: bool = True,
+        dropout: float = 0.3,
+        pretrained=None,
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+        builder, _, feat = ARCHS[arch]
+        self.config = dict(arch=arch, in_channels=int(in_channels), n_labels=int(n_labels),
+                           lstm_hidden=int(lstm_hidden), lstm_layers=int(lstm_layers),
+                           bidirectional=bool(bidirectional), dropout=float(dropout))
+        enc = builder(weights=None)
+        if in_channels != 3:
+            enc.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        enc.fc = nn.Identity()
+        _load_pretrained(enc, arch, pretrained, in_channels)
+        self.encoder = enc
+        self.feature_dim = feat
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(
+            feat, lstm_hidden, num_layers=lstm_layers, batch_first=True, bidirectional=bidirectional,
+            dropout=dropout if lstm_layers > 1 else 0.0,
+        )
+        out = lstm_hidden * (2 if bidirectional else 1)
+        self.head = nn.Linear(out + feat, n_labels)
+
+    def encode(self, slices: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, F) pooled ResNet features."""
+        if slices.is_cuda:
+            slices = slices.contiguous(memory_format=torch.channels_last)
+        return self.encoder(slices)
+
+    def sequence(self, feats: torch.Tensor, lengths=None) -> torch.Tensor:
+        """(B, T, F) slice features -> (B, T, n_labels) logits; padded steps are not read."""
+        B, T, _ = feats.shape
+        # the sequence part is tiny: run it in fp32 outside autocast (stable, any packed dtype)
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            return self._sequence(feats.float(), lengths)
+
+    def _sequence(self, feats, lengths):
+        B, T, _ = feats.shape
+        x = self.drop(feats)
+        if lengths is not None and not bool((torch.as_tensor(lengths) == T).all()):
+            lengths_cpu = torch.as_tensor(lengths, dtype=torch.long).cpu().clamp(min=1)
+            packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
+            y, _ = self.lstm(packed)
+            y, _ = pad_packed_sequence(y, batch_first=True, total_length=T)
+        else:
+            y, _ = self.lstm(x)
+        y = torch.cat([self.drop(y), x], dim=-1)
+        return self.head(y)
+
+    def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
+        """x: (B, T, C, H, W) scans (padded to T); lengths: real slice counts (B,) or None."""
+        if x.ndim != 5:
+            raise ValueError(f"expected (B, T, C, H, W), got shape {tuple(x.shape)}")
+        B, T = x.shape[:2]
+        flat = x.reshape(B * T, *x.shape[2:])
+        if lengths is None:
+            feats = self.encode(flat)
+        else:
+            lengths_t = torch.as_tensor(lengths, device=x.device, dtype=torch.long)
+            valid = (torch.arange(T, device=x.device)[None, :] < lengths_t[:, None]).reshape(-1)
+            # padded slices are not pushed through the CNN (saves compute, keeps BN stats clean)
+            f = self.encode(flat[valid])
+            feats = f.new_zeros(B * T, f.shape[-1])
+            feats[valid] = f
+        return self.sequence(feats.reshape(B, T, -1), lengths)
+
+
+# ----------------------------------------------------------------------------- bundles
+def versions() -> dict:
+    import hemocam
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "hemocam": hemocam.__version__, "python": platform.python_version()}
+
+
+def _plain(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"bundle meta value of type {type(obj).__name__} is not JSON-like")
+
+
+def save_bundle(path, model: ResNetLSTM, meta: dict) -> None:
+    """Write the self-describing classifier bundle: weights + everything to rebuild and use it.
+
+    ``meta`` should hold labels, windows, size, input normalisation, training config, seed, epoch;
+    the model hyper-parameters and library versions are added here.
+    """
+    from hemocam.io import atomic_path
+
+    # plain JSON types only: the bundle then loads with torch.load(weights_only=True)
+    plain = json.loads(json.dumps({k: v for k, v in meta.items() if k not in ("state_dict", "model")},
+                                  default=_plain))
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "kind": "resnet_lstm",
+        "model": dict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "versions": versions(),
+        **plain,
+    }
+    if "labels" in bundle and len(bundle["labels"]) != model.config["n_labels"]:
+        raise ValueError(f"{len(bundle['labels'])} labels for a model with {model.config['n_labels']} outputs")
+    with atomic_path(path) as tmp:
+        torch.save(bundle, tmp)
+
+
+def load_bundle(path, device=None) -> tuple[ResNetLSTM, dict]:
+    """Rebuild the model from a bundle (no pretrained download), in eval mode on ``device``."""
+    from hemocam.io import InputError
+
+    path = Path(path)
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable classifier bundle ({type(exc).__name__}: {exc})") from exc
+    if bundle.get("kind") != "resnet_lstm":
+        raise InputError(f"{path}: not a ResNet-LSTM classifier bundle (kind={bundle.get('kind')!r})")
+    model = ResNetLSTM(**bundle["model"], pretrained=None)
+    model.load_state_dict(bundle["state_dict"])
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    meta = {k: v for k, v in bundle.items() if k != "state_dict"}
+    return model, meta
