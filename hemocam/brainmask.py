@@ -17,8 +17,10 @@ Steps (on the NIfTI grid, slices on axis 2, in-plane sizes in mm from ``spacing`
    other candidates only touch it through thin gaps in the bone, which the erosion cuts), then grow
    it back geodesically within the candidates (so a subdural crescent against the inner table,
    being connected to the brain, comes back whole).
-5. fill holes per slice (calcifications, dense clot) and add the one-pixel partial-volume rim
-   between the mask and the inner table (voxels mixing blood and bone read > ``soft_max``).
+5. fill holes per slice (calcifications, dense clot) and add a ``rim_mm`` partial-volume rim
+   (at least one pixel, HU < ``rim_hu``) towards the inner table: voxels mixing blood and bone
+   read far above ``soft_max`` (up to ~700 HU with 5 mm slices through a curved skull) but
+   belong to a subdural/epidural collection.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def brain_mask(
     soft_max: float = 130.0,
     erode_mm: float = 3.5,
     bone_min_fraction: float = 0.05,
+    rim_mm: float = 3.0,
+    rim_hu: float = 800.0,
 ) -> np.ndarray:
     """uint8 intracranial mask (1 inside) of the HU volume ``hu`` (X, Y, Z).
 
@@ -101,6 +105,10 @@ def brain_mask(
     for k in range(mask.shape[2]):
         if mask[:, :, k].any():
             mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    rim = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 1), bool)) & ~mask
-    mask |= rim & (hu >= soft_min) & (hu < bone_hu) & hull
+    # partial-volume rim: voxels against the inner table mix blood/CSF with bone (thick slices
+    # through a curved skull read several hundred HU) yet belong to the bleed; the scalp is
+    # always further away than the rim (a whole skull thickness)
+    steps = max(1, int(round(rim_mm / min(sx, sy))))
+    ok = (hu >= soft_min) & (hu < rim_hu) & hull
+    mask = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 1), bool), iterations=steps, mask=ok) | mask
     return mask.astype(np.uint8)
