@@ -7,19 +7,21 @@ rule cam_batch:
         preprocessed=upstream("preprocess", "cpu"),
     output:
         manifest=f"{R}/cam/batches/{{batch}}.tsv",
-    params:
-        scans=batch_scans("gpu"),
-        results=R,
-        cam=config["cam"],
     log:
         f"{LOGS}/cam/{{batch}}.log",
     benchmark:
         f"{BENCH}/cam/{{batch}}.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+    params:
+        scans=batch_scans("gpu"),
+        results=results_dir(2),
+        cam=config["cam"],
     script:
         "../scripts/cam.py"
 

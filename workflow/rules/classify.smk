@@ -19,20 +19,22 @@ if trains_classifier():
                 caption="../report/classifier_metrics.rst",
                 category="Classifier",
             ),
-        params:
-            results=R,
-            config=lambda wildcards: {
-                k: config[k] for k in ("seed", "preprocess", "classifier")
-            },
         log:
             f"{LOGS}/train_classifier.log",
         benchmark:
             f"{BENCH}/train_classifier.tsv"
+        conda:
+            "../../envs/hemocam.yaml"
         threads: 8
         resources:
             gpu=1,
             mem_mb=32000,
             runtime=720,
+        params:
+            results=results_dir(1),
+            config=lambda wildcards: {
+                k: config[k] for k in ("seed", "preprocess", "classifier")
+            },
         script:
             "../scripts/train_classifier.py"
 
@@ -43,18 +45,20 @@ rule classify_batch:
         preprocessed=upstream("preprocess", "cpu"),
     output:
         manifest=f"{R}/classifier/batches/{{batch}}.tsv",
-    params:
-        scans=batch_scans("gpu"),
-        results=R,
     log:
         f"{LOGS}/classify/{{batch}}.log",
     benchmark:
         f"{BENCH}/classify/{{batch}}.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+    params:
+        scans=batch_scans("gpu"),
+        results=results_dir(2),
     script:
         "../scripts/classify.py"
 

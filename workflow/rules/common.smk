@@ -1,14 +1,25 @@
 # Shared planning: config validation, the scan plan and the batches per-scan stages run in.
 import functools
 import os
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+# The hemocam package lives beside the Snakefile: make it importable for planning here and
+# for every job (local, cluster, conda), installed or not.
+sys.path.insert(0, workflow.basedir)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+    )
+)
+
 
 validate(config, "../schemas/config.schema.yaml")
+
 
 def validate_samplesheet():
     """Reject a bad sample sheet before any job runs, naming the rows at fault."""
@@ -119,7 +130,9 @@ def has_masks():
         return True
     if fmt == "samplesheet":
         scans = scan_plan().scans
-        return "mask" in scans and bool(scans["mask"].fillna("").astype(str).ne("").any())
+        return "mask" in scans and bool(
+            scans["mask"].fillna("").astype(str).ne("").any()
+        )
     return bool(config["input"].get("masks"))
 
 
@@ -146,7 +159,11 @@ SEGMENTER = config["model"]["segmenter"] or f"{R}/segmenter/model.pt"
 def label_inputs():
     """Raw label files of the cohort (so a label change reruns ingestion)."""
     labels = config["input"].get("labels")
-    return [labels] if labels and config["input"]["format"] in ("rsna", "samplesheet") else []
+    return (
+        [labels]
+        if labels and config["input"]["format"] in ("rsna", "samplesheet")
+        else []
+    )
 
 
 def final_targets(wildcards):
@@ -172,8 +189,51 @@ def upstream(stage, kind):
     """Input function: the manifests of `stage` (batched by `kind`) covering this job's scans."""
 
     def paths(wildcards):
-        own = batches("gpu" if wildcards.batch.startswith("g") else "cpu")[wildcards.batch]
+        own = batches("gpu" if wildcards.batch.startswith("g") else "cpu")[
+            wildcards.batch
+        ]
         of = _batch_of(kind)
         return sorted({f"{R}/{stage}/batches/{of[sid]}.tsv" for sid in own})
 
     return paths
+
+
+def results_dir(depth):
+    """Param: the results folder, derived from the first output (`depth` folders up)."""
+
+    def folder(wildcards, output):
+        return str(Path(output[0]).parents[depth])
+
+    return folder
+
+
+SEGMENTER_TARGETS = {"segmenter": "pseudomask", "segmenter_gt": "groundtruth"}
+
+
+def segmenter_training_inputs(wildcards):
+    inputs = {
+        "scans": f"{R}/scans.tsv",
+        "preprocessed": manifests("preprocess", "cpu")(),
+    }
+    if wildcards.model == "segmenter":
+        inputs["pseudomasks"] = manifests("pseudomask", "gpu")()
+    return inputs
+
+
+def segmentation_bundle(wildcards):
+    if wildcards.seg == "segmentation":
+        return SEGMENTER
+    return f"{R}/segmenter_gt/model.pt"
+
+
+def evaluation_inputs(wildcards):
+    inputs = {
+        "scans": f"{R}/scans.tsv",
+        "cams": manifests("cam", "gpu")(),
+        "segmentation": manifests("segmentation", "gpu")(),
+    }
+    if trains_segmenter():
+        inputs["pseudomasks"] = manifests("pseudomask", "gpu")()
+    if upper_bound_active():
+        inputs["upper_bound"] = manifests("segmentation_gt", "gpu")()
+    return inputs

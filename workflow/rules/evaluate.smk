@@ -1,19 +1,6 @@
 # Evaluation against ground-truth masks: CAM, pseudo-mask, segmenter, HU baseline, upper bound.
 
 
-def evaluation_inputs(wildcards):
-    inputs = {
-        "scans": f"{R}/scans.tsv",
-        "cams": manifests("cam", "gpu")(),
-        "segmentation": manifests("segmentation", "gpu")(),
-    }
-    if trains_segmenter():
-        inputs["pseudomasks"] = manifests("pseudomask", "gpu")()
-    if upper_bound_active():
-        inputs["upper_bound"] = manifests("segmentation_gt", "gpu")()
-    return inputs
-
-
 rule evaluate:
     input:
         unpack(evaluation_inputs),
@@ -28,16 +15,18 @@ rule evaluate:
             caption="../report/segmentation_summary.rst",
             category="Evaluation",
         ),
-    params:
-        results=R,
-        config=config,
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
         f"{BENCH}/evaluate.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
+    params:
+        results=results_dir(1),
+        config=config,
     script:
         "../scripts/evaluate.py"

@@ -9,20 +9,22 @@ if demo_active():
             labels=f"{config['demo']['path']}/labels.csv",
             masks=directory(f"{config['demo']['path']}/masks"),
             truth=f"{config['demo']['path']}/truth.tsv",
+        log:
+            f"{LOGS}/demo_cohort.log",
+        benchmark:
+            f"{BENCH}/demo_cohort.tsv"
+        conda:
+            "../../envs/hemocam.yaml"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
         params:
             n_scans=config["demo"]["n_scans"],
             matrix=config["demo"]["matrix"],
             n_slices=config["demo"]["n_slices"],
             quirks=config["demo"]["quirks"],
             seed=config["seed"],
-        log:
-            f"{LOGS}/demo_cohort.log",
-        benchmark:
-            f"{BENCH}/demo_cohort.tsv"
-        threads: 1
-        resources:
-            mem_mb=4000,
-            runtime=30,
         script:
             "../scripts/demo_cohort.py"
 
@@ -33,16 +35,18 @@ rule ingest_batch:
         labels=label_inputs(),
     output:
         manifest=f"{R}/ingest/batches/{{batch}}.tsv",
-    params:
-        results=R,
     log:
         f"{LOGS}/ingest/{{batch}}.log",
     benchmark:
         f"{BENCH}/ingest/{{batch}}.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        results=results_dir(2),
     script:
         "../scripts/ingest.py"
 
@@ -56,16 +60,18 @@ rule scans_table:
             caption="../report/scans.rst",
             category="Cohort",
         ),
-    params:
-        results=R,
     log:
         f"{LOGS}/scans_table.log",
     benchmark:
         f"{BENCH}/scans_table.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        results=results_dir(0),
     script:
         "../scripts/scans_table.py"
 
@@ -73,16 +79,18 @@ rule scans_table:
 rule provenance:
     output:
         f"{R}/provenance.json",
-    params:
-        config=config,
     log:
         f"{LOGS}/provenance.log",
     benchmark:
         f"{BENCH}/provenance.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        config=config,
     script:
         "../scripts/provenance.py"
 

@@ -6,19 +6,21 @@ rule preprocess_batch:
         upstream("ingest", "cpu"),
     output:
         manifest=f"{R}/preprocess/batches/{{batch}}.tsv",
-    params:
-        scans=batch_scans("cpu"),
-        results=R,
-        windows=config["preprocess"]["windows"],
-        size=config["preprocess"]["size"],
     log:
         f"{LOGS}/preprocess/{{batch}}.log",
     benchmark:
         f"{BENCH}/preprocess/{{batch}}.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=60,
+    params:
+        scans=batch_scans("cpu"),
+        results=results_dir(2),
+        windows=config["preprocess"]["windows"],
+        size=config["preprocess"]["size"],
     script:
         "../scripts/preprocess.py"
 

@@ -7,19 +7,21 @@ rule pseudomask_batch:
         slices=f"{R}/classifier/batches/{{batch}}.tsv",
     output:
         manifest=f"{R}/pseudomask/batches/{{batch}}.tsv",
-    params:
-        scans=batch_scans("gpu"),
-        results=R,
-        pseudomask=config["pseudomask"],
-        labelled=has_labels(),
     log:
         f"{LOGS}/pseudomask/{{batch}}.log",
     benchmark:
         f"{BENCH}/pseudomask/{{batch}}.tsv"
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        scans=batch_scans("gpu"),
+        results=results_dir(2),
+        pseudomask=config["pseudomask"],
+        labelled=has_labels(),
     script:
         "../scripts/pseudomask.py"
 

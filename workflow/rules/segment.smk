@@ -1,18 +1,6 @@
 # The U-Net segmenter: trained on pseudo-masks (and, as an upper bound, on ground truth),
 # then applied to every scan.
 
-SEGMENTER_TARGETS = {"segmenter": "pseudomask", "segmenter_gt": "groundtruth"}
-
-
-def segmenter_training_inputs(wildcards):
-    inputs = {
-        "scans": f"{R}/scans.tsv",
-        "preprocessed": manifests("preprocess", "cpu")(),
-    }
-    if wildcards.model == "segmenter":
-        inputs["pseudomasks"] = manifests("pseudomask", "gpu")()
-    return inputs
-
 
 rule train_segmenter:
     input:
@@ -24,31 +12,27 @@ rule train_segmenter:
             caption="../report/segmenter_history.rst",
             category="Segmenter",
         ),
-    wildcard_constraints:
-        model="segmenter|segmenter_gt",
-    params:
-        results=R,
-        target=lambda wildcards: SEGMENTER_TARGETS[wildcards.model],
-        config=lambda wildcards: {
-            k: config[k] for k in ("seed", "preprocess", "segmenter")
-        },
     log:
         f"{LOGS}/train_{{model}}.log",
     benchmark:
         f"{BENCH}/train_{{model}}.tsv"
+    wildcard_constraints:
+        model="segmenter|segmenter_gt",
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 8
     resources:
         gpu=1,
         mem_mb=32000,
         runtime=720,
+    params:
+        results=results_dir(1),
+        target=lambda wildcards: SEGMENTER_TARGETS[wildcards.model],
+        config=lambda wildcards: {
+            k: config[k] for k in ("seed", "preprocess", "segmenter")
+        },
     script:
         "../scripts/train_segmenter.py"
-
-
-def segmentation_bundle(wildcards):
-    if wildcards.seg == "segmentation":
-        return SEGMENTER
-    return f"{R}/segmenter_gt/model.pt"
 
 
 rule segment_batch:
@@ -57,20 +41,22 @@ rule segment_batch:
         preprocessed=upstream("preprocess", "cpu"),
     output:
         manifest=f"{R}/{{seg}}/batches/{{batch}}.tsv",
-    wildcard_constraints:
-        seg="segmentation|segmentation_gt",
-    params:
-        scans=batch_scans("gpu"),
-        results=R,
     log:
         f"{LOGS}/{{seg}}/{{batch}}.log",
     benchmark:
         f"{BENCH}/{{seg}}/{{batch}}.tsv"
+    wildcard_constraints:
+        seg="segmentation|segmentation_gt",
+    conda:
+        "../../envs/hemocam.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+    params:
+        scans=batch_scans("gpu"),
+        results=results_dir(2),
     script:
         "../scripts/segment.py"
 
