@@ -1,0 +1,252 @@
+"""One DICOM series -> HU NIfTI with the real dcm2niix (never hand-stacked pixels).
+
+The series' files are symlinked under neutral names into a private temporary folder, so other
+series sharing the input folder are not touched, inputs stay read-only, and no original file
+name (which may carry a patient name) reaches dcm2niix's messages. dcm2niix's output is
+filtered to warnings and errors and scrubbed of the series' identifying header values before it
+is logged. Its sidecar and header texts are discarded: the NIfTI is rewritten from the array and
+affine alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+
+from hemocam.ingest.hu import to_hu_int16, wrap_fault
+from hemocam.ingest.series import slice_normals
+from hemocam.io import InputError, save_nifti
+
+log = logging.getLogger("hemocam")
+
+# header values that identify a person or a place; scrubbed from anything dcm2niix prints
+PHI_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
+    "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
+    "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician", "StationName", "DeviceSerialNumber", "StudyID", "PatientMotherBirthName",
+    "MilitaryRank", "EthnicGroup", "PatientComments", "MedicalRecordLocator",
+)
+# variants dcm2niix writes for one series, best first (tilt-corrected, then equidistant)
+_VARIANTS = (("tilt_eq", re.compile(r"^_Tilt_Eq_\d+$")), ("tilt", re.compile(r"^_Tilt_\d+$")),
+             ("eq", re.compile(r"^_Eq_\d+$")), ("plain", re.compile(r"^$")))
+_IGNORED = re.compile(r"^_ROI\d+$")  # overlay planes stored as extra images
+_KEEP_LINE = re.compile(r"warning|error|convert |gantry|tilt|interslice|missing|slices", re.I)
+SPACING_TOL = 0.10  # relative spread of slice gaps still called regular
+
+
+@lru_cache(maxsize=1)
+def find_dcm2niix() -> str:
+    """The dcm2niix executable: beside the interpreter, else on PATH, else the PyPI package's.
+
+    The console script the PyPI package installs beside the interpreter is a Python wrapper of
+    the same binary; the binary itself is used then (saves an interpreter start per scan).
+    """
+    candidates = [Path(sys.executable).with_name("dcm2niix"), shutil.which("dcm2niix")]
+    try:
+        import dcm2niix as _pkg
+
+        pkg_bin = Path(_pkg.bin)
+    except Exception:
+        pkg_bin = None
+    for cand in candidates:
+        if not cand or not Path(cand).is_file() or not os.access(cand, os.X_OK):
+            continue
+        with open(cand, "rb") as fh:
+            head = fh.read(512)
+        if head.startswith(b"#!") and b"dcm2niix" in head and pkg_bin is not None and pkg_bin.is_file():
+            return str(pkg_bin)
+        return str(cand)
+    if pkg_bin is not None and pkg_bin.is_file():
+        return str(pkg_bin)
+    raise FileNotFoundError("dcm2niix not found (install the 'dcm2niix' PyPI package)")
+
+
+def phi_values(path) -> list[str]:
+    """Identifying strings of one file's header (whole values and name parts, >= 3 chars)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return []
+    out = set()
+    for kw in PHI_KEYWORDS:
+        val = ds.get(kw, None)
+        if val is None:
+            continue
+        vals = val if isinstance(val, (list, tuple, pydicom.multival.MultiValue)) else [val]
+        for v in vals:
+            text = str(v).strip()
+            for part in [text, *re.split(r"[\^=\s]+", text)]:
+                if len(part) >= 3:
+                    out.add(part)
+    return sorted(out, key=len, reverse=True)
+
+
+def scrub(text: str, phi: list[str]) -> str:
+    """Only dcm2niix's warning/error/summary lines, with identifying values replaced."""
+    lines = [ln for ln in text.splitlines() if _KEEP_LINE.search(ln)]
+    out = "\n".join(lines)
+    for value in phi:
+        out = re.sub(re.escape(value), "[removed]", out, flags=re.I)
+    return out
+
+
+def run_dcm2niix(paths: list[str], workdir: Path, phi: list[str]) -> tuple[list[Path], str]:
+    """Convert exactly ``paths`` (one series) in ``workdir``; returns (NIfTI files, scrubbed log)."""
+    src, dst = workdir / "in", workdir / "out"
+    src.mkdir()
+    dst.mkdir()
+    for i, p in enumerate(paths):
+        os.symlink(os.path.abspath(p), src / f"{i:06d}.dcm")
+    cmd = [find_dcm2niix(), "-g", "i", "-z", "n", "-b", "y", "-ba", "y", "-f", "vol", "-o", str(dst),
+           "-d", "0", "-i", "n", "-m", "2", "-l", "o", "-x", "n", "-w", "1", str(src)]
+    env = {**os.environ, "HOME": str(workdir)}  # no user defaults file is read or written
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=600)
+    text = scrub(proc.stdout + "\n" + proc.stderr, phi)
+    if proc.returncode != 0:
+        raise InputError(f"dcm2niix failed (exit {proc.returncode}): {text[-500:]}")
+    return sorted(dst.glob("*.nii")), text
+
+
+def pick_output(files: list[Path], stem: str = "vol") -> tuple[Path, str]:
+    """The one volume of the series, preferring dcm2niix's tilt-corrected/equidistant variant."""
+    found, unrelated = {}, []
+    for f in files:
+        suffix = f.name[len(stem):-len(".nii")] if f.name.startswith(stem) else None
+        if suffix is None or _IGNORED.match(suffix):
+            continue
+        for kind, pattern in _VARIANTS:
+            if pattern.match(suffix):
+                found.setdefault(kind, []).append(f)
+                break
+        else:
+            unrelated.append(f.name)
+    if unrelated or any(len(v) > 1 for v in found.values()):
+        names = sorted(unrelated + [f.name for v in found.values() for f in v])
+        raise InputError(f"dcm2niix wrote several volumes for one series ({', '.join(names)}): "
+                         "mixed acquisitions or echoes")
+    for kind, _ in _VARIANTS:
+        if kind in found:
+            return found[kind][0], kind
+    raise InputError("dcm2niix wrote no volume")
+
+
+def slice_centres_ras(rows: pd.DataFrame) -> np.ndarray:
+    """World (RAS) centre of each DICOM slice: IPP is the first pixel's centre, in LPS."""
+    ipp = rows[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float)
+    r = rows[["iop_0", "iop_1", "iop_2"]].to_numpy(float)
+    c = rows[["iop_3", "iop_4", "iop_5"]].to_numpy(float)
+    # PixelSpacing = (row spacing, column spacing); along a row (direction r) steps are columns
+    dcol = rows["pixel_spacing_col"].to_numpy(float)[:, None]
+    drow = rows["pixel_spacing_row"].to_numpy(float)[:, None]
+    ncols = rows["cols"].to_numpy(float)[:, None]
+    nrows = rows["rows"].to_numpy(float)[:, None]
+    centre = ipp + r * dcol * (ncols - 1) / 2 + c * drow * (nrows - 1) / 2
+    return centre * np.array([-1.0, -1.0, 1.0])
+
+
+def check_affine(affine, name):
+    a = np.asarray(affine, float)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise InputError(f"{name}: affine is not a finite 4x4 matrix")
+    cols = a[:3, :3]
+    zooms = np.linalg.norm(cols, axis=0)
+    if np.any(zooms < 1e-3) or abs(np.linalg.det(cols)) < 1e-9:
+        raise InputError(f"{name}: degenerate affine (voxel sizes {np.round(zooms, 4).tolist()})")
+    unit = cols / zooms
+    off = np.abs(unit.T @ unit - np.eye(3)).max()
+    if off > 1e-3:
+        raise InputError(f"{name}: sheared (non-orthogonal) affine, off by {off:.3f}")
+    return zooms
+
+
+def _gaps(rows: pd.DataFrame) -> np.ndarray:
+    n = slice_normals(rows)[0]
+    pos = np.sort(rows[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float) @ n)
+    return np.diff(pos)
+
+
+def convert_series(files: pd.DataFrame, scan_id: str, out_path, cfg: dict) -> dict:
+    """Convert the series given by its index rows ``files``; write ``out_path`` (int16 HU).
+
+    Returns dict(affine, shape, zooms, notes, rows) where ``rows`` are the files actually
+    converted (for label mapping). Truncated or pixel-less files are dropped with a note when
+    the remaining slices still make a valid volume; otherwise the scan is rejected naming them.
+    """
+    ing = cfg.get("ingest", {})
+    min_slices = int(ing.get("min_slices", 1))
+    name = f"scan {scan_id}"
+    files = files.drop_duplicates("sop_uid", keep="first")
+    usable = files["readable"] & files["has_pixels"] & ~files["truncated"]
+    bad = files.loc[~usable, "path"].tolist()
+    rows = files[usable].copy()
+    notes = []
+    if bad:
+        shown = ", ".join(os.path.basename(p) for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if len(rows) < min_slices:
+            raise InputError(f"{bad[0]}: truncated or without pixel data; {len(rows)} usable slices remain "
+                             f"(< ingest.min_slices {min_slices})")
+        notes.append(f"dropped {len(bad)} truncated file(s): {shown}")
+    if rows.empty:
+        raise InputError(f"{name}: no usable DICOM file")
+    gaps = _gaps(rows)
+    irregular = gaps.size > 1 and (gaps.max() - gaps.min()) > SPACING_TOL * max(np.median(gaps), 1e-6)
+    first = rows.iloc[0]
+    phi = phi_values(first["path"])
+    tmp_root = Path(tempfile.mkdtemp(prefix="hemocam-d2n-"))
+    try:
+        outputs, text = run_dcm2niix(rows["path"].tolist(), tmp_root, phi)
+        if text:
+            log.info("dcm2niix %s:\n%s", scan_id, text)
+        chosen, kind = pick_output(outputs)
+        if irregular and kind == "plain":
+            where = ", ".join(os.path.basename(p) for p in bad) if bad else "the series"
+            raise InputError(f"{bad[0] if bad else name}: uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm) "
+                             f"after dropping {where}, and dcm2niix did not resample it")
+        img = nib.load(str(chosen))
+        data = np.asanyarray(img.dataobj)
+        affine = img.affine.copy()
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{name}: dcm2niix volume has shape {data.shape}, not 3D")
+    zooms = check_affine(affine, name)
+    if kind != "plain":
+        notes.append({"tilt_eq": "gantry tilt corrected and resampled to even spacing by dcm2niix",
+                      "tilt": "gantry tilt corrected by dcm2niix",
+                      "eq": "uneven slice spacing resampled to even spacing by dcm2niix"}[kind])
+    if data.shape[2] < min_slices:
+        raise InputError(f"{name}: {data.shape[2]} slices < ingest.min_slices {min_slices}")
+    wrap = rows.apply(lambda r: wrap_fault(r["bits_stored"], r["pixel_representation"], r["rescale_intercept"]),
+                      axis=1)
+    if wrap.any() and not wrap.all():
+        notes.append(f"12-bit wrap signature in {int(wrap.sum())} of {len(wrap)} files")
+    pad_hu = None
+    pad = rows["pixel_padding_value"].dropna()
+    if len(pad):
+        slope = float(first["rescale_slope"]) if pd.notna(first["rescale_slope"]) else 1.0
+        inter = float(first["rescale_intercept"]) if pd.notna(first["rescale_intercept"]) else 0.0
+        pad_hu = float(pad.iloc[0]) * slope + inter
+    hu, hu_notes = to_hu_int16(
+        data, name, hu_min=float(ing.get("hu_min", -1100)), hu_max=float(ing.get("hu_max", 3100)),
+        pad_hu=pad_hu, wrap=bool(wrap.any()),
+        max_outside=float(ing.get("max_outside_fraction", 0.01)),
+    )
+    notes += hu_notes
+    save_nifti(hu, affine, out_path, dtype=np.int16)
+    return {"affine": affine, "shape": hu.shape, "zooms": zooms, "notes": notes, "rows": rows, "variant": kind}

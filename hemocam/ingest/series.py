@@ -1,0 +1,167 @@
+"""Which DICOM series become scans: header-level classification of the index.
+
+Every series with image files gets a row with ``status`` ok or rejected and a reason:
+localizers, secondary captures, non-CT modalities, non-axial reconstructions, series with too
+few slices or without one readable, complete file are rejected here, before any pixels are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("hemocam")
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1-.7.4
+MAX_TILT_DEG = 30.0  # gantry tilt allowance: axial series are at most this far from z
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+SCAN_ID_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]+$")
+
+SERIES_COLUMNS = [
+    "series_uid", "scan_id", "status", "reason", "notes", "n_files", "n_usable", "n_slices",
+    "patient_group", "source", "tilt_deg",
+]
+
+
+def scan_id_for(series_uid: str, mode: str = "uid", key: str = "") -> str:
+    """Scan id of a series: sanitised SeriesInstanceUID (``uid``) or keyed hash (``hash``)."""
+    if mode == "uid":
+        sid = _BAD_CHARS.sub("_", series_uid)
+        return sid if SCAN_ID_RE.match(sid) else "s_" + sid
+    if mode == "hash":
+        if not key:
+            raise ValueError("input.scan_id is 'hash' but input.scan_id_key is empty")
+        return "s" + hmac.new(key.encode(), series_uid.encode(), hashlib.sha256).hexdigest()[:16]
+    raise ValueError(f"input.scan_id must be 'uid' or 'hash', not {mode!r}")
+
+
+def slice_normals(df: pd.DataFrame) -> np.ndarray:
+    """Unit slice normal (row x column direction cosines) per file, in DICOM LPS."""
+    r = df[["iop_0", "iop_1", "iop_2"]].to_numpy(float)
+    c = df[["iop_3", "iop_4", "iop_5"]].to_numpy(float)
+    n = np.cross(r, c)
+    norm = np.linalg.norm(n, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return n / norm
+
+
+def _relative_dirs(paths: pd.Series, roots) -> pd.Series:
+    dirs = paths.str.rpartition("/")[0]
+    if not roots:
+        return dirs
+    roots = [os.path.abspath(os.fspath(r)).rstrip("/") for r in roots]
+    out = dirs.copy()
+    for root in sorted(roots, key=len, reverse=True):
+        inside = (dirs == root) | dirs.str.startswith(root + "/")
+        rel = dirs[inside].str.slice(len(root) + 1)
+        out[inside] = rel.where(rel != "", ".")
+    return out
+
+
+def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "uid", key: str = "",
+                    roots=None, max_tilt: float = MAX_TILT_DEG) -> pd.DataFrame:
+    """One row per series of ``index`` (see ``SERIES_COLUMNS``), rejected ones with a reason.
+
+    Files without a SeriesInstanceUID (not DICOM, DICOMDIR, ...) belong to no series and are
+    only counted in the log. ``roots``: input folders, to report ``source`` relative to them.
+    """
+    img = index[(index["series_uid"] != "") & index["readable"]].copy()
+    n_other = len(index) - len(img)
+    if n_other:
+        log.info("series: %d files are not part of any image series (not DICOM, DICOMDIR, ...)", n_other)
+    if img.empty:
+        return pd.DataFrame(columns=SERIES_COLUMNS)
+    img["usable"] = img["has_pixels"] & ~img["truncated"]
+    img["localizer"] = img["image_type"].str.upper().str.contains("LOCALIZER", regex=False)
+    img["sc"] = img["sop_class_uid"].str.startswith(SECONDARY_CAPTURE)
+    img["frames"] = img["number_of_frames"].fillna(1).astype(np.int64).clip(lower=1)
+    normals = slice_normals(img)
+    img["n_x"], img["n_y"], img["n_z"] = normals[:, 0], normals[:, 1], normals[:, 2]
+    img["pos"] = (img[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float) * normals).sum(axis=1)
+    img["src"] = _relative_dirs(img["path"], roots)
+    # the same SOP instance twice (copied file): converted once
+    img["dup_sop"] = img.duplicated(["series_uid", "sop_uid"]) & img["usable"]
+
+    u = img[img["usable"] & ~img["dup_sop"]]
+    g = img.groupby("series_uid", sort=True)
+    gu = u.groupby("series_uid", sort=True)
+    s = pd.DataFrame({
+        "n_files": g.size(),
+        "mod_min": g["modality"].min(),
+        "mod_max": g["modality"].max(),
+        "sc": g["sc"].any(),
+        "localizer": g["localizer"].any(),
+        "patient_group": g["patient_group"].min(),
+        "source": g["src"].first(),
+        "n_src": g["src"].nunique(),
+        "n_dup": g["dup_sop"].sum(),
+        "n_truncated": g["truncated"].sum(),
+
+    })
+    s["n_usable"] = gu.size().reindex(s.index).fillna(0).astype(np.int64)
+    s["n_frames"] = gu["frames"].sum().reindex(s.index).fillna(0).astype(np.int64)
+    s["multiframe"] = gu["frames"].max().reindex(s.index).fillna(1) > 1
+    s["geom_missing"] = (
+        u[["iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5", "ipp_0", "ipp_1", "ipp_2"]]
+        .isna().any(axis=1).groupby(u["series_uid"]).any().reindex(s.index).fillna(True)
+    )
+    iop_cols = ["iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5"]
+    iop_spread = gu[iop_cols].max() - gu[iop_cols].min()
+    s["iop_mixed"] = (iop_spread.max(axis=1) > 1e-3).reindex(s.index).fillna(False)
+    nz = gu["n_z"].median().reindex(s.index)
+    s["tilt_deg"] = np.degrees(np.arccos(np.clip(nz.abs().to_numpy(float), 0, 1)))
+    s["sizes"] = (gu["rows"].nunique() + gu["cols"].nunique()).reindex(s.index).fillna(0)
+    # distinct slice positions (0.01 mm) along the normal; fewer than files: repeated positions
+    pos = pd.DataFrame({"series_uid": u["series_uid"], "p": np.round(u["pos"].to_numpy(float), 2)})
+    s["n_pos"] = pos.drop_duplicates().groupby("series_uid").size().reindex(s.index).fillna(0).astype(np.int64)
+
+    s["n_slices"] = np.where(s["multiframe"], s["n_frames"], s["n_pos"]).astype(np.int64)
+    reasons = pd.Series("", index=s.index, dtype=object)
+
+    def reject(mask, text):
+        mask = mask & (reasons == "")
+        if mask.any():
+            reasons[mask] = text(s[mask]) if callable(text) else text
+
+    other = s["mod_max"].where(s["mod_max"] != "CT", s["mod_min"]).replace("", "missing")
+    reject((s["mod_min"] != "CT") | (s["mod_max"] != "CT"), lambda d: "not CT (modality " + other[d.index] + ")")
+    reject(s["sc"], "secondary capture")
+    reject(s["localizer"], "localizer (ImageType LOCALIZER)")
+    reject(s["n_usable"] == 0, lambda d: "no usable file: " + d["n_files"].astype(str) + " file(s) truncated or without pixel data")
+    reject(s["multiframe"], "multi-frame (enhanced) CT is not supported")
+    reject(s["geom_missing"], "no image geometry (ImageOrientationPatient/ImagePositionPatient missing)")
+    reject((s["n_usable"] == 1) & (s["tilt_deg"] > max_tilt), "localizer (single non-axial image)")
+    reject(s["iop_mixed"], "mixed slice orientations in one series")
+    reject(s["tilt_deg"] > max_tilt,
+           lambda d: "non-axial reconstruction (slice normal " + d["tilt_deg"].round(1).astype(str)
+           + f" deg from z, allowance {max_tilt:g})")
+    reject(s["sizes"] > 2, "mixed image sizes in one series")
+    reject(s["n_slices"] < int(min_slices),
+           lambda d: d["n_slices"].astype(str) + f" slice(s) < ingest.min_slices {int(min_slices)}")
+    reject(s["n_pos"] < s["n_usable"],
+           lambda d: (d["n_usable"] - d["n_pos"]).astype(str) + " slice(s) repeat a position (several acquisitions in one series)")
+
+    notes = pd.Series("", index=s.index, dtype=object)
+    for col, text in (("n_truncated", "truncated file(s)"), ("n_dup", "duplicate SOP instance file(s) ignored")):
+        m = s[col] > 0
+        notes[m] = notes[m] + np.where(notes[m] == "", "", "; ") + s.loc[m, col].astype(str) + " " + text
+    m = s["n_src"] > 1
+    notes[m] = notes[m] + np.where(notes[m] == "", "", "; ") + "files spread over " + s.loc[m, "n_src"].astype(str) + " folders"
+
+    out = s.reset_index()
+    out["status"] = np.where(reasons.to_numpy() == "", "ok", "rejected")
+    out["reason"] = reasons.to_numpy()
+    out["notes"] = notes.to_numpy()
+    ids = {uid: scan_id_for(uid, scan_id, key) for uid in out["series_uid"]}
+    out["scan_id"] = out["series_uid"].map(ids)
+    dup = out["scan_id"].duplicated(keep=False)
+    if dup.any():  # only possible when two UIDs differ in characters outside [A-Za-z0-9._-]
+        raise ValueError(f"scan ids collide after sanitising series UIDs: {sorted(out.loc[dup, 'scan_id'].unique())[:5]}")
+    out["tilt_deg"] = out["tilt_deg"].round(2)
+    return out[SERIES_COLUMNS].sort_values("scan_id", kind="stable").reset_index(drop=True)
