@@ -1,0 +1,408 @@
+"""The U-Net segmenter: trained on pseudo-masks (or ground truth, for the upper bound), applied to
+every scan.
+
+Data: one sample = one slice of the cache with ``context`` neighbours on each side (edge slices
+repeat the end slice), target = the pseudo-mask (or GT mask) resampled into the cache frame with
+:func:`hemocam.preprocess.from_original_grid` (nearest). Sampling per epoch draws a
+``pos_fraction`` share of slices whose target is non-empty (lesion slices are a minority), the
+rest from empty slices. With pseudo-mask targets, slices whose *label* says hemorrhage but whose
+pseudo-mask is empty are left out: they are not negatives, only places the CAM missed.
+
+Augmentation (train only, from the per-sample seed, so resumed runs repeat it): left-right flip,
+small rotation/scale/shift (one affine warp for image and target), brightness/contrast jitter and
+a little noise. Loss: BCE + soft Dice over the batch. Validation score: mean per-scan 3-D Dice
+in the cache frame against the same kind of target (pseudo-masks for the weak model: no ground
+truth is read unless ``target == "groundtruth"``), empty/empty counting 1 as in
+:mod:`hemocam.metrics`. Training runs through :func:`hemocam.train.fit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from hemocam.batch import run_batch
+from hemocam.io import InputError, atomic_path, load_nifti, read_tsv, save_nifti, write_tsv
+from hemocam.metrics import remove_small_components
+from hemocam.models.unet import UNet, in_channels_for
+from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
+from hemocam.train import amp_dtype, autocast, fit, make_loader, seed_everything, select_device, EpochSampler
+
+log = logging.getLogger("hemocam")
+
+BUNDLE_FORMAT = 1
+TARGETS = {"pseudomask": "pseudomask", "groundtruth": "masks"}
+
+DEFAULTS = {
+    "encoder": "resnet18",
+    "base_channels": 16,  # plain encoder width
+    "weights": "",  # local ImageNet weights for a resnet encoder
+    "context_slices": 1,
+    "epochs": 40,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "patience": 8,
+    "num_workers": 8,
+    "amp": True,
+    "pos_fraction": 0.5,  # share of lesion slices in each epoch's draw
+    "samples_per_epoch": 0,  # 0: as many draws as training slices
+    "augment": True,
+    "rotate_deg": 10.0,
+    "scale": 0.1,
+    "shift": 0.06,  # fraction of S
+    "intensity": 0.1,  # brightness/contrast jitter (fraction)
+    "noise": 0.02,
+    "dice_weight": 1.0,  # loss = BCE + dice_weight * soft Dice
+    "threshold": 0.5,  # probability -> mask
+    "min_component_voxels": 20,  # smaller 3-D components dropped from the binary output
+    "tta_flip": True,  # average with the left-right flipped prediction at inference
+    "infer_batch": 32,
+}
+
+
+def seg_cfg(cfg_seg: dict | None) -> dict:
+    out = dict(DEFAULTS)
+    out.update({k: v for k, v in (cfg_seg or {}).items() if v is not None})
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs
+def context_stack(cache: np.ndarray, z: int, k: int) -> np.ndarray:
+    """(C*(2k+1), S, S) uint8: slices z-k..z+k (clamped at the ends), channels grouped by slice."""
+    Z = cache.shape[0]
+    idx = np.clip(np.arange(z - k, z + k + 1), 0, Z - 1)
+    return np.asarray(cache[idx]).reshape(-1, *cache.shape[2:])
+
+
+def all_stacks(cache: np.ndarray, k: int) -> np.ndarray:
+    """(Z, C*(2k+1), S, S) for every slice of a scan, without Python loops over slices."""
+    c = np.asarray(cache)
+    Z = c.shape[0]
+    idx = np.clip(np.arange(Z)[:, None] + np.arange(-k, k + 1)[None, :], 0, Z - 1)
+    return c[idx].reshape(Z, -1, *c.shape[2:])
+
+
+def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 windowed channels -> float in [0, 1] (the bundle records this scaling)."""
+    return x_uint8.float().div_(255.0)
+
+
+def load_target(scan_id: str, results_dir, target: str, meta: dict) -> np.ndarray:
+    """(Z, S, S) uint8 0/1 target in the cache frame."""
+    path = Path(results_dir) / TARGETS[target] / f"{scan_id}.nii.gz"
+    if not path.exists():
+        raise InputError(f"{path}: missing {target} mask")
+    arr, _ = load_nifti(path)
+    return (from_original_grid((arr > 0).astype(np.uint8), meta, order=0) > 0).astype(np.uint8)
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Slices of several scans. Items are ``(scan_index, z)``; returns ``(x, y, scan_index, z)``.
+
+    Indexing with ``(i, seed)`` (as :class:`hemocam.train.EpochSampler` yields) augments with
+    that seed when ``augment`` is set; a plain ``i`` never augments.
+    """
+
+    def __init__(self, cache_files, targets, items, context: int, augment: dict | None = None):
+        # caches are opened lazily (memory-mapped) in each worker: nothing big is pickled
+        self.cache_files, self.context, self.augment = [str(c) for c in cache_files], int(context), augment
+        self._caches = None
+        # targets kept sparse (only non-empty slices): memory stays small for big cohorts
+        self.targets = [{int(z): np.packbits(t[z]) for z in np.flatnonzero(t.reshape(len(t), -1).any(1))} for t in targets]
+        self.shapes = [t.shape[1:] for t in targets]
+        self.items = [(int(s), int(z)) for s, z in items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def positive(self) -> np.ndarray:
+        return np.array([z in self.targets[s] for s, z in self.items], bool)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_caches": None}
+
+    def cache(self, s):
+        if self._caches is None:
+            self._caches = [None] * len(self.cache_files)
+        if self._caches[s] is None:
+            self._caches[s] = np.load(self.cache_files[s], mmap_mode="r")
+        return self._caches[s]
+
+    def _target(self, s, z):
+        shape = self.shapes[s]
+        packed = self.targets[s].get(z)
+        if packed is None:
+            return np.zeros(shape, np.uint8)
+        return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape)
+
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        s, z = self.items[i]
+        x = to_input(torch.from_numpy(context_stack(self.cache(s), z, self.context)))
+        y = torch.from_numpy(self._target(s, z)).float()[None]
+        if self.augment and seed is not None:
+            x, y = augment_pair(x, y, np.random.default_rng(seed), self.augment)
+        return x, y, s, z
+
+
+def augment_pair(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, cfg: dict):
+    """Flip, affine warp (rotation/scale/shift), intensity jitter, noise; target warped alike."""
+    if rng.random() < 0.5:  # left-right: the head is roughly symmetric, bleeds are not lateralised
+        x, y = x.flip(-1), y.flip(-1)
+    ang = math.radians(rng.uniform(-1, 1) * float(cfg["rotate_deg"]))
+    sc = 1.0 + rng.uniform(-1, 1) * float(cfg["scale"])
+    tx, ty = (rng.uniform(-1, 1, 2) * 2 * float(cfg["shift"])).tolist()  # grid units span 2
+    theta = torch.tensor([[math.cos(ang) / sc, -math.sin(ang) / sc, tx],
+                          [math.sin(ang) / sc, math.cos(ang) / sc, ty]], dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, (1, 1, *x.shape[-2:]), align_corners=False)
+    x = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    y = (F.grid_sample(y[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] > 0.5).float()
+    a = float(cfg["intensity"])
+    x = x * (1.0 + rng.uniform(-a, a)) + rng.uniform(-a, a) * 0.5
+    if float(cfg["noise"]) > 0:
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x = x + torch.randn(x.shape, generator=g) * float(cfg["noise"])
+    return x.clamp_(0.0, 1.0), y
+
+
+# ----------------------------------------------------------------------------- loss / validation
+def dice_bce_loss(logits, y, dice_weight: float = 1.0):
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, y)
+    p = torch.sigmoid(logits)
+    # soft Dice over the whole batch: empty slices contribute to the denominator only
+    dice = 1.0 - (2.0 * (p * y).sum() + 1.0) / (p.sum() + y.sum() + 1.0)
+    return bce + dice_weight * dice
+
+
+def _loss_fn(dice_weight):
+    def loss_fn(model, batch, device):
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return dice_bce_loss(model(x), y, dice_weight)
+
+    return loss_fn
+
+
+def _evaluate_fn(n_scans, threshold):
+    def evaluate_fn(model, loader, device):
+        inter = np.zeros(n_scans)
+        psum = np.zeros(n_scans)
+        tsum = np.zeros(n_scans)
+        seen = np.zeros(n_scans, bool)
+        loss_sum, n = 0.0, 0
+        for x, y, s, _z in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            loss_sum += float(dice_bce_loss(logits, y)) * len(x)
+            n += len(x)
+            p = (torch.sigmoid(logits) >= threshold).float()
+            s = s.numpy()
+            np.add.at(inter, s, (p * y).sum((1, 2, 3)).cpu().numpy())
+            np.add.at(psum, s, p.sum((1, 2, 3)).cpu().numpy())
+            np.add.at(tsum, s, y.sum((1, 2, 3)).cpu().numpy())
+            seen[s] = True
+        denom = psum + tsum
+        dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)[seen]
+        pos = (tsum > 0)[seen]
+        metrics = {"val_loss": loss_sum / max(1, n), "val_dice_pos": float(dice[pos].mean()) if pos.any() else float("nan"),
+                   "val_fp_neg_scans": float((psum[seen][~pos] > 0).mean()) if (~pos).any() else float("nan")}
+        return float(dice.mean()) if len(dice) else float("nan"), metrics
+
+    return evaluate_fn
+
+
+# ----------------------------------------------------------------------------- training
+def _labelled_positive(results_dir, scan_id, Z) -> np.ndarray | None:
+    path = Path(results_dir) / "labels" / f"{scan_id}.tsv"
+    if not path.exists():
+        return None
+    df = read_tsv(path)
+    pos = np.zeros(Z, bool)
+    s = df["slice"].to_numpy(int)
+    ok = (s >= 0) & (s < Z)
+    pos[s[ok]] = df["any"].to_numpy(float)[ok] >= 0.5
+    return pos
+
+
+def _load_split(scan_ids, results_dir, target, context, drop_unlabelled_misses: bool):
+    caches, targets, items, used = [], [], [], []
+    windows = size = n_ch = None
+    for sid in scan_ids:
+        try:
+            cache, meta = load_cache(*cache_paths(results_dir, sid))
+            if size is not None and (meta["size"], cache.shape[1]) != (size, n_ch):
+                raise InputError(f"{cache_paths(results_dir, sid)[0]}: cache size/channels differ from the other scans")
+            t = load_target(sid, results_dir, target, meta)
+        except InputError as exc:
+            log.warning("segmenter: skipping %s (%s)", sid, exc)
+            continue
+        windows, size, n_ch = meta.get("windows"), meta["size"], cache.shape[1]
+        si = len(caches)
+        caches.append(cache_paths(results_dir, sid)[0])
+        targets.append(t)
+        used.append(sid)
+        Z = cache.shape[0]
+        keep = np.ones(Z, bool)
+        if drop_unlabelled_misses:
+            lab = _labelled_positive(results_dir, sid, Z)
+            if lab is not None:
+                # labelled bleed, empty pseudo-mask: the CAM missed it; it is no negative
+                keep &= ~(lab & ~t.reshape(Z, -1).any(1))
+        items += [(si, z) for z in np.flatnonzero(keep)]
+    return caches, targets, items, used, windows, size, n_ch
+
+
+def _versions():
+    import platform
+
+    import torchvision
+
+    import hemocam
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "hemocam": hemocam.__version__,
+            "python": platform.python_version()}
+
+
+def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, history_out, device=None) -> dict:
+    """Train the U-Net on ``target`` masks ("pseudomask" | "groundtruth") of the train split,
+    validate on the val split, write the bundle and history. ``cfg``: the config (``seed``,
+    ``segmenter``; ``preprocess`` optional). Checkpoints go to ``<bundle dir>/checkpoints`` so a
+    killed job resumes."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    sc = seg_cfg(cfg.get("segmenter"))
+    seed = int(cfg.get("seed", 0))
+    seed_everything(seed)
+    dev = select_device(device)
+    scans = read_tsv(scans_tsv, dtype={"scan_id": str})
+    scans = scans[scans["status"] == "ok"]
+    split = scans.set_index("scan_id")["split"].fillna("")
+    k = int(sc["context_slices"])
+    drop = target == "pseudomask"
+    tr = _load_split([s for s, v in split.items() if v == "train"], results_dir, target, k, drop)
+    va = _load_split([s for s, v in split.items() if v == "val"], results_dir, target, k, drop)
+    if not tr[2]:
+        raise InputError(f"{scans_tsv}: no training scan with a {target} mask")
+    aug = {key: sc[key] for key in ("rotate_deg", "scale", "shift", "intensity", "noise")} if sc["augment"] else None
+    train_ds = SliceDataset(tr[0], tr[1], tr[2], k, aug)
+    pos = train_ds.positive()
+    frac = float(sc["pos_fraction"])
+    if pos.any() and (~pos).any() and 0 < frac < 1:
+        weights = np.where(pos, frac / pos.sum(), (1 - frac) / (~pos).sum())
+    else:
+        weights = np.ones(len(pos))
+    n_draw = int(sc["samples_per_epoch"]) or len(train_ds)
+    sampler = EpochSampler(len(train_ds), seed=seed, weights=weights, num_samples=n_draw)
+    bs = int(sc["batch_size"])
+    train_loader = make_loader(train_ds, bs, False, int(sc["num_workers"]), seed, dev, sampler=sampler, drop_last=n_draw > bs)
+    val_loader, evaluate_fn = None, None
+    if va[2]:
+        val_ds = SliceDataset(va[0], va[1], va[2], k, None)
+        val_loader = make_loader(val_ds, bs * 2, False, int(sc["num_workers"]), seed, dev)
+        evaluate_fn = _evaluate_fn(len(va[0]), float(sc["threshold"]))
+    n_ch = tr[6]
+    model = UNet(in_channels_for(n_ch, k), encoder=sc["encoder"], base=int(sc["base_channels"]), weights=sc["weights"])
+    log.info("segmenter (%s targets): %d train slices (%d with lesion) from %d scans, %d val slices from %d scans, "
+             "%s encoder, %d input channels, device %s", target, len(train_ds), int(pos.sum()), len(tr[0]), len(va[2]),
+             len(va[0]), sc["encoder"], model.in_channels, dev)
+    bundle_out = Path(bundle_out)
+    result = fit(
+        model, train_loader, val_loader, loss_fn=_loss_fn(float(sc["dice_weight"])), evaluate_fn=evaluate_fn,
+        ckpt_dir=bundle_out.parent / "checkpoints", epochs=int(sc["epochs"]), lr=float(sc["lr"]),
+        weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
+        seed=seed, device=dev, higher_is_better=True,
+    )
+    bundle = {
+        "format": BUNDLE_FORMAT, "kind": "unet",
+        "model": {"in_channels": model.in_channels, "encoder": sc["encoder"], "base": int(sc["base_channels"])},
+        "state_dict": {kk: v.detach().cpu() for kk, v in model.state_dict().items()},
+        "arch": f"unet-{sc['encoder']}", "windows": tr[4], "size": int(tr[5]), "context": k,
+        "input_scale": 1.0 / 255.0, "target": target, "config": {kk: v for kk, v in sc.items()},
+        "threshold": float(sc["threshold"]), "min_component_voxels": int(sc["min_component_voxels"]),
+        "tta_flip": bool(sc["tta_flip"]), "versions": _versions(), "seed": seed,
+        "epoch": int(result["best_epoch"]), "best_score": result["best_score"],
+        "train_scans": len(tr[0]), "val_scans": len(va[0]),
+    }
+    with atomic_path(bundle_out) as tmp:
+        torch.save(bundle, tmp)
+    write_tsv(pd.DataFrame(result["history"]), history_out)
+    return result
+
+
+# ----------------------------------------------------------------------------- inference
+def load_segmenter(path, device=None):
+    path = Path(path)
+    try:
+        b = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable segmenter bundle ({type(exc).__name__}: {exc})") from exc
+    if b.get("kind") != "unet":
+        raise InputError(f"{path}: not a U-Net segmenter bundle (kind={b.get('kind')!r})")
+    model = UNet(**b["model"])
+    model.load_state_dict(b["state_dict"])
+    dev = select_device(device)
+    model.to(dev).eval()
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model, {k: v for k, v in b.items() if k != "state_dict"}, dev
+
+
+@torch.no_grad()
+def predict_scan_probs(model, meta_b: dict, cache: np.ndarray, device, batch: int = 32) -> np.ndarray:
+    """(Z, S, S) float32 lesion probabilities in the cache frame."""
+    stacks = all_stacks(cache, int(meta_b["context"]))
+    dtype = amp_dtype(device, meta_b.get("config", {}).get("amp", True))
+    out = []
+    for s in range(0, len(stacks), batch):
+        x = to_input(torch.from_numpy(stacks[s : s + batch]).to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            p = torch.sigmoid(model(x).float())
+            if meta_b.get("tta_flip", False):
+                p = 0.5 * (p + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
+        out.append(p[:, 0].float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device) -> dict:
+    R = Path(results_dir)
+    cache, meta = load_cache(*cache_paths(R, scan_id))
+    if meta["size"] != meta_b["size"] or (meta_b.get("windows") and meta.get("windows") != meta_b["windows"]):
+        raise InputError(f"{cache_paths(R, scan_id)[1]}: cache (size {meta['size']}, windows {meta.get('windows')}) "
+                         f"does not match the segmenter (size {meta_b['size']}, windows {meta_b.get('windows')})")
+    if cache.shape[1] * (2 * int(meta_b["context"]) + 1) != meta_b["model"]["in_channels"]:
+        raise InputError(f"{cache_paths(R, scan_id)[0]}: {cache.shape[1]} channels do not fit the segmenter")
+    probs = predict_scan_probs(model, meta_b, cache, device, int(meta_b.get("config", {}).get("infer_batch", 32)))
+    prob_xyz = np.clip(to_original_grid(probs, meta, order=1), 0.0, 1.0).astype(np.float32)
+    brain, _ = load_nifti(R / "brainmask" / f"{scan_id}.nii.gz")
+    if brain.shape != prob_xyz.shape:
+        raise InputError(f"{R / 'brainmask' / f'{scan_id}.nii.gz'}: shape {brain.shape} differs from the scan {prob_xyz.shape}")
+    mask = (prob_xyz >= float(meta_b["threshold"])) & (brain > 0)
+    mask = remove_small_components(mask, int(meta_b["min_component_voxels"]))
+    out = Path(out_dir)
+    affine = np.asarray(meta["affine"], float)
+    save_nifti(prob_xyz, affine, out / f"{scan_id}_prob.nii.gz", dtype=np.float32)
+    save_nifti(mask.astype(np.uint8), affine, out / f"{scan_id}.nii.gz", dtype=np.uint8)
+    voxel_ml = float(np.prod(meta["spacing"])) / 1000.0
+    return {"lesion_ml": round(float(mask.sum()) * voxel_ml, 3)}
+
+
+def segment_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, upstream=(), device=None):
+    """Segment a batch of scans with the model loaded once; writes out_dir/{id}.nii.gz (uint8)
+    and out_dir/{id}_prob.nii.gz (float32) on the NIfTI grid."""
+    model, meta_b, dev = load_segmenter(bundle_path, device)
+    fn = functools.partial(segment_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b, device=dev)
+    return run_batch("segment", list(scan_ids), fn, manifest_out, upstream=upstream)

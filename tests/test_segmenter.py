@@ -1,0 +1,130 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hemocam import segmenter as seg
+from hemocam.io import load_nifti, read_tsv, write_tsv
+from hemocam.phantom import write_nifti_cohort
+from hemocam.preprocess import cache_paths, load_cache, preprocess_batch
+
+WINDOWS = [{"name": "brain", "center": 40, "width": 80}, {"name": "subdural", "center": 80, "width": 200}]
+SEG = {"encoder": "plain", "base_channels": 4, "context_slices": 1, "epochs": 2, "batch_size": 4, "lr": 1e-3,
+       "patience": 5, "num_workers": 0, "amp": True, "samples_per_epoch": 8, "min_component_voxels": 0}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    R = tmp_path_factory.mktemp("seg") / "R"
+    scans = write_nifti_cohort(R, 5, matrix=64, n_slices=16, seed=3)
+    preprocess_batch(list(scans["scan_id"]), R, WINDOWS, 32, R / "preprocess.tsv")
+    # stand-in pseudo-masks: the test is about the plumbing, not their quality
+    for sid in scans["scan_id"]:
+        (R / "pseudomask").mkdir(exist_ok=True)
+        shutil.copy(R / "masks" / f"{sid}.nii.gz", R / "pseudomask" / f"{sid}.nii.gz")
+    return R, scans
+
+
+def test_context_stacks():
+    cache = np.arange(4 * 2 * 3 * 3, dtype=np.uint8).reshape(4, 2, 3, 3)
+    s = seg.context_stack(cache, 0, 1)
+    assert s.shape == (6, 3, 3)
+    assert (s[0:2] == cache[0]).all() and (s[2:4] == cache[0]).all() and (s[4:6] == cache[1]).all()
+    allst = seg.all_stacks(cache, 1)
+    assert allst.shape == (4, 6, 3, 3)
+    for z in range(4):
+        assert (allst[z] == seg.context_stack(cache, z, 1)).all()
+    assert (seg.all_stacks(cache, 0)[:, :] == cache).all()
+
+
+def test_augment_pair_keeps_image_and_target_aligned():
+    x = torch.zeros(3, 32, 32)
+    y = torch.zeros(1, 32, 32)
+    x[:, 8:14, 4:10] = 1.0
+    y[:, 8:14, 4:10] = 1.0
+    cfg = {"rotate_deg": 10, "scale": 0.1, "shift": 0.06, "intensity": 0.0, "noise": 0.0}
+    for s in range(5):
+        xa, ya = seg.augment_pair(x, y, np.random.default_rng(s), cfg)
+        assert xa.shape == x.shape and ya.shape == y.shape
+        assert set(ya.unique().tolist()) <= {0.0, 1.0}
+        assert ((xa[0] > 0.5) == (ya[0] > 0.5)).float().mean() > 0.97
+    a1 = seg.augment_pair(x, y, np.random.default_rng(7), {**cfg, "noise": 0.02})
+    a2 = seg.augment_pair(x, y, np.random.default_rng(7), {**cfg, "noise": 0.02})
+    assert torch.equal(a1[0], a2[0])  # the sample seed fixes the augmentation
+
+
+def test_dice_bce_loss():
+    y = torch.zeros(2, 1, 8, 8)
+    y[0, 0, 2:5, 2:5] = 1
+    good = torch.where(y > 0, 10.0, -10.0)
+    assert seg.dice_bce_loss(good, y) < 0.01
+    assert seg.dice_bce_loss(-good, y) > 1.5
+
+
+def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
+    R, scans = cohort
+    cfg = {"seed": 1, "segmenter": SEG}
+    bundle, hist = R / "segmenter" / "model.pt", R / "segmenter" / "history.tsv"
+    # run 1 is killed at the first training batch of epoch 2, after epoch 1's checkpoint
+    real = seg._loss_fn
+    calls = {"n": 0}
+
+    def killing(dice_weight):
+        inner = real(dice_weight)
+
+        def loss_fn(model, batch, device):
+            calls["n"] += 1
+            if calls["n"] > 2:  # 8 draws / batch 4 = 2 training batches per epoch
+                raise KeyboardInterrupt("simulated kill")
+            return inner(model, batch, device)
+
+        return loss_fn
+
+    monkeypatch.setattr(seg, "_loss_fn", killing)
+    with pytest.raises(KeyboardInterrupt):
+        seg.train_segmenter(cfg, R / "scans.tsv", R, "pseudomask", bundle, hist)
+    assert not bundle.exists()
+    ck = torch.load(R / "segmenter" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 1
+    monkeypatch.setattr(seg, "_loss_fn", real)
+    # run 2 resumes after epoch 1
+    res = seg.train_segmenter(cfg, R / "scans.tsv", R, "pseudomask", bundle, hist)
+    h = read_tsv(hist)
+    assert list(h["epoch"]) == [1, 2]
+    assert h["train_loss"].iloc[0] == pytest.approx(ck["history"][0]["train_loss"])
+    assert {"val_dice_pos", "val_loss"} <= set(h.columns)
+    b = torch.load(bundle, weights_only=True)
+    assert b["kind"] == "unet" and b["context"] == 1 and b["size"] == 32 and b["target"] == "pseudomask"
+    assert b["model"]["in_channels"] == 2 * 3 and b["windows"] == WINDOWS and b["seed"] == 1
+    assert res["best_epoch"] in (1, 2)
+
+    out = R / "segmentation"
+    df = seg.segment_batch(bundle, list(scans["scan_id"]) + ["missing"], R, out, R / "segmentation" / "batches" / "0.tsv")
+    st = df.set_index("scan_id")["status"]
+    assert (st[list(scans["scan_id"])] == "ok").all() and st["missing"] == "rejected"
+    for sid in scans["scan_id"]:
+        prob, aff = load_nifti(out / f"{sid}_prob.nii.gz")
+        mask, aff2 = load_nifti(out / f"{sid}.nii.gz")
+        brain, aff3 = load_nifti(R / "brainmask" / f"{sid}.nii.gz")
+        assert prob.dtype == np.float32 and mask.dtype == np.uint8
+        assert prob.shape == mask.shape == brain.shape
+        assert np.allclose(aff, aff3) and np.allclose(aff2, aff3)
+        assert 0 <= prob.min() and prob.max() <= 1
+        assert not (mask.astype(bool) & ~brain.astype(bool)).any()
+
+
+def test_groundtruth_target_and_missing_targets(cohort, tmp_path):
+    R, scans = cohort
+    # no training scan with a target -> a clear error naming the file
+    t = read_tsv(R / "scans.tsv", dtype={"scan_id": str})
+    t["split"] = "test"
+    write_tsv(t, tmp_path / "scans.tsv")
+    with pytest.raises(Exception, match="no training scan"):
+        seg.train_segmenter({"seed": 0, "segmenter": SEG}, tmp_path / "scans.tsv", R, "groundtruth",
+                            tmp_path / "b.pt", tmp_path / "h.tsv")
+    with pytest.raises(ValueError, match="target"):
+        seg.train_segmenter({"seed": 0, "segmenter": SEG}, R / "scans.tsv", R, "cam", tmp_path / "b.pt", tmp_path / "h.tsv")
+    cache, meta = load_cache(*cache_paths(R, scans["scan_id"][0]))
+    tgt = seg.load_target(scans["scan_id"][0], R, "groundtruth", meta)
+    assert tgt.shape == (cache.shape[0], 32, 32) and tgt.dtype == np.uint8
