@@ -388,7 +388,7 @@ def _draw_sylvian_and_cisterns(anat, x, y, z, t, v):
     sylvian = (ax > 24) & (np.abs(y - ys) < 1.5 + 0.6 * anat.vent_scale) & (z > zb + 6) & (z < zb + 32)
     insula = (ax > 22) & (ax < 40) & (np.abs(y - ys) < 5) & (z > zb + 6) & (z < zb + 34) & ~sylvian
     t[insula], v[insula] = T["grey_matter"], anat.hu["grey_matter"]
-    suprasellar = (ax < 12) & (y > 2) & (y < 22) & (z > zb + 12) & (z < zb + 20)
+    suprasellar = ((x / 12) ** 2 + ((y - 12) / 9) ** 2 < 1) & (z > zb + 12) & (z < zb + 20)
     ring = (x / 13) ** 2 + ((y + 8) / 12) ** 2
     ambient = (ring > 1) & (ring < 1.4) & (z > zb + 16) & (z < zb + 32)
     midbrain = (ring <= 1) & (z > zb + 16) & (z < zb + 34)

@@ -125,7 +125,9 @@ def _draw_extra_axial(les: Lesion, scene: Scene, idx):
     s = rho * np.arccos(cosang)
     profile = np.clip(1 - (s / F32(pr["extent"])) ** 2, 0, 1) ** F32(pr["power"])
     thickness = F32(pr["thick"]) * profile
-    m = (scene.depth_in[idx] < thickness) & (thickness > 0.3)
+    # the falx stops a convexity collection at the midline
+    same_side = scene.shifted_x[idx] * F32(pr["side"]) > F32(1.0)
+    m = (scene.depth_in[idx] < thickness) & (thickness > 0.3) & same_side
     return m, None
 
 

@@ -65,10 +65,20 @@ def choose_subtypes(rng, hemorrhage=None):
     return sorted(rng.choice(SUBTYPES, size=n, replace=False, p=w / w.sum()).tolist(), key=SUBTYPES.index)
 
 
-def sample_phantom(seed: int, n_slices: int = 28, slice_thickness: float = 5.0, hemorrhage=None, subtypes=None) -> Phantom:
-    """Subject, lesions and scanner for ``seed``; independent of the matrix it is rendered on."""
+def sample_phantom(seed: int, n_slices: int = 28, slice_thickness: float = 5.0, hemorrhage=None, subtypes=None,
+                   anatomy_seed=None) -> Phantom:
+    """Subject, lesions and scanner for ``seed``; independent of the matrix it is rendered on.
+
+    ``anatomy_seed``: draw the head from another seed (a second study of the same patient:
+    same anatomy, new position in the scanner, new lesions).
+    """
     r_anat, r_les, r_scan, _ = _rngs(seed)
-    anat = sample_anatomy(r_anat)
+    if anatomy_seed is None:
+        anat = sample_anatomy(r_anat)
+    else:
+        anat = sample_anatomy(_rngs(anatomy_seed)[0])
+        repositioned = sample_anatomy(r_anat)
+        anat.centre, anat.rot = repositioned.centre, repositioned.rot
     if subtypes is None:
         subtypes = choose_subtypes(r_les, hemorrhage)
     elif hemorrhage is False and subtypes:
@@ -79,7 +89,7 @@ def sample_phantom(seed: int, n_slices: int = 28, slice_thickness: float = 5.0, 
     subtypes = [s for s in SUBTYPES if s in set(subtypes)]
     # the scan starts just above the vertex and runs caudally (head CTs are planned that way)
     top = anat.vertex_world_z() + r_scan.uniform(-2, 6)
-    slice_z = top - slice_thickness * np.arange(n_slices)[::-1]
+    slice_z = np.round(top - slice_thickness * np.arange(n_slices)[::-1], 4)
     fov = max(r_scan.uniform(220, 250), 2 * (anat.b + abs(anat.centre[1]) + 10))
     scanner = Scanner(fov_mm=float(fov), psf_px=float(r_scan.uniform(0.6, 1.0)), z_blur=float(r_scan.uniform(0.15, 0.35)),
                       noise_hu=float(r_scan.uniform(6, 12)), centre_xy=(0.0, 0.0))
@@ -87,12 +97,18 @@ def sample_phantom(seed: int, n_slices: int = 28, slice_thickness: float = 5.0, 
     return Phantom(seed, anat, lesions, scanner, slice_z, float(slice_thickness))
 
 
+def pixel_spacing(scanner: Scanner, matrix: int) -> float:
+    """In-plane spacing (mm) rounded to what a DS value carries."""
+    return round(scanner.fov_mm / matrix, 6)
+
+
 def axial_affine(phantom: Phantom, matrix: int) -> np.ndarray:
     """Voxel -> RAS affine of the dcm2niix-style (L, A, S) grid covering the reconstruction FOV."""
     sc = phantom.scanner
-    d = sc.fov_mm / matrix
-    x0 = sc.centre_xy[0] + sc.fov_mm / 2 - d / 2  # first column at patient right
-    y0 = sc.centre_xy[1] - sc.fov_mm / 2 + d / 2  # first row (after dcm2niix's flip) posterior
+    d = pixel_spacing(sc, matrix)
+    # rounded like the DS strings written to DICOM, so both describe the same grid exactly
+    x0 = round(sc.centre_xy[0] + (matrix - 1) * d / 2, 4)  # first column at patient right
+    y0 = round(sc.centre_xy[1] - (matrix - 1) * d / 2, 4)  # first row (after dcm2niix's flip) posterior
     aff = np.diag([-d, d, phantom.slice_thickness, 1.0])
     aff[:3, 3] = [x0, y0, phantom.slice_z[0]]
     return aff
@@ -156,7 +172,7 @@ def render_scan(phantom: Phantom, matrix: int) -> dict:
     affine = axial_affine(phantom, matrix)
     clean, code, tissue = render_grid(phantom, affine, shape)
     hu = apply_scanner(clean, phantom.scanner, r_noise)
-    d = phantom.scanner.fov_mm / matrix
+    d = pixel_spacing(phantom.scanner, matrix)
     return {
         "hu": hu,
         "mask": code,
