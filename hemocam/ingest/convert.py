@@ -26,6 +26,7 @@ import pandas as pd
 import pydicom
 
 from hemocam.ingest.hu import to_hu_int16, wrap_fault
+from hemocam.ingest.index import quiet_pydicom
 from hemocam.ingest.series import slice_normals
 from hemocam.io import InputError, save_nifti
 
@@ -78,7 +79,8 @@ def find_dcm2niix() -> str:
 def phi_values(path) -> list[str]:
     """Identifying strings of one file's header (whole values and name parts, >= 3 chars)."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:
         return []
     out = set()

@@ -13,6 +13,7 @@ so re-indexing a large archive only reads new or changed files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
+import pydicom.config
 from pydicom.errors import InvalidDicomError
 
 from hemocam.io import atomic_path
@@ -243,8 +245,22 @@ def read_header(path: str, file_size: int) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def quiet_pydicom():
+    """No per-file validation warnings (RSNA's ``ID_...`` UIDs are invalid UI values: a
+    warning per file would flood the log of an 870k-file archive)."""
+    settings = pydicom.config.settings
+    old = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = old
+
+
 def _read_many(items):
-    return [read_header(p, s) for p, s in items]
+    with quiet_pydicom():
+        return [read_header(p, s) for p, s in items]
 
 
 # ----------------------------------------------------------------------------- frames
@@ -395,7 +411,7 @@ def _read_parallel(items, threads, executor):
     if executor == "serial" or workers == 1 or len(items) < 2:
         return _read_many(items)
     if executor == "thread":
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with quiet_pydicom(), ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda it: read_header(*it), items))
     # processes: chunks amortise pickling; enough chunks to keep workers busy till the end
     workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -69,11 +69,13 @@ def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: 
     notes = [head["notes"]] if head["notes"] else []
     written = []
     try:
-        if head["image"]:  # NIfTI (physionet, samplesheet)
+        files = rows[rows["path"] != ""]
+        if len(files):  # DICOM series (rsna, dicom, samplesheet folder)
+            info = convert_series(files, scan_id, out["nifti"], cfg)
+        elif head["image"]:  # NIfTI (physionet, samplesheet)
             info = convert_nifti(head["image"], out["nifti"], cfg, name)
         else:
-            files = rows[rows["path"] != ""]
-            info = convert_series(files, scan_id, out["nifti"], cfg)
+            raise InputError(f"{name}: the batch plan lists no file for it")
         written.append(out["nifti"])
         notes += info["notes"]
         shape, affine = info["shape"], info["affine"]

@@ -314,7 +314,7 @@ def read_samplesheet(path) -> pd.DataFrame:
 
     def resolve(p):
         p = p.strip()
-        return "" if not p else str(p if os.path.isabs(p) else base / p)
+        return "" if not p else os.path.normpath(p if os.path.isabs(p) else base / p)
 
     df["image"] = df["image"].map(resolve)
     df["mask"] = df["mask"].map(resolve)
@@ -458,7 +458,7 @@ def _load_plan(meta_path, scans_path, sig):
 
 def _save_plan(meta_path, scans_path, sig, scans, series):
     table = scans.copy()
-    table["series_uid"] = table["scan_id"].map(series).fillna("")
+    table["series_uid"] = [series.get(sid, "") for sid in table["scan_id"]]
     with atomic_path(scans_path) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     write_json({"signature": sig, "version": PLAN_VERSION}, meta_path)

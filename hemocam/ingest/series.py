@@ -102,6 +102,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
         "n_src": g["src"].nunique(),
         "n_dup": g["dup_sop"].sum(),
         "n_truncated": g["truncated"].sum(),
+        "first_bad": img.loc[~img["usable"]].groupby("series_uid")["path"].min(),
 
     })
     s["n_usable"] = gu.size().reindex(s.index).fillna(0).astype(np.int64)
@@ -133,7 +134,8 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     reject((s["mod_min"] != "CT") | (s["mod_max"] != "CT"), lambda d: "not CT (modality " + other[d.index] + ")")
     reject(s["sc"], "secondary capture")
     reject(s["localizer"], "localizer (ImageType LOCALIZER)")
-    reject(s["n_usable"] == 0, lambda d: "no usable file: " + d["n_files"].astype(str) + " file(s) truncated or without pixel data")
+    reject(s["n_usable"] == 0, lambda d: d["first_bad"] + ": no usable file in the series (" + d["n_files"].astype(str)
+           + " file(s) truncated or without pixel data)")
     reject(s["multiframe"], "multi-frame (enhanced) CT is not supported")
     reject(s["geom_missing"], "no image geometry (ImageOrientationPatient/ImagePositionPatient missing)")
     reject((s["n_usable"] == 1) & (s["tilt_deg"] > max_tilt), "localizer (single non-axial image)")
@@ -142,8 +144,11 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
            lambda d: "non-axial reconstruction (slice normal " + d["tilt_deg"].round(1).astype(str)
            + f" deg from z, allowance {max_tilt:g})")
     reject(s["sizes"] > 2, "mixed image sizes in one series")
-    reject(s["n_slices"] < int(min_slices),
-           lambda d: d["n_slices"].astype(str) + f" slice(s) < ingest.min_slices {int(min_slices)}")
+    few = s["n_slices"] < int(min_slices)
+    reject(few & s["first_bad"].notna(),
+           lambda d: d["first_bad"] + ": truncated or without pixel data; " + d["n_slices"].astype(str)
+           + f" usable slice(s) < ingest.min_slices {int(min_slices)}")
+    reject(few, lambda d: d["n_slices"].astype(str) + f" slice(s) < ingest.min_slices {int(min_slices)}")
     reject(s["n_pos"] < s["n_usable"],
            lambda d: (d["n_usable"] - d["n_pos"]).astype(str) + " slice(s) repeat a position (several acquisitions in one series)")
 

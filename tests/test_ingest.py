@@ -1,0 +1,509 @@
+"""Ingestion on small DICOM/NIfTI series built here with pydicom/nibabel (known answers)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from conftest import assert_no_markers
+from hemocam.ingest import ingest_batch, plan_cohort, write_batch_plans, write_scans_table
+from hemocam.ingest import hu as hu_mod
+from hemocam.ingest import index as ix
+from hemocam.ingest.convert import pick_output, scrub
+from hemocam.ingest.plan import assign_splits, read_samplesheet
+from hemocam.ingest.series import classify_series, scan_id_for
+from hemocam.io import InputError, read_tsv, save_nifti
+from hemocam.labelset import LABELS
+
+MARKERS = ["PHIMARKERNAME", "PHIMARKERID", "PHIMARKERHOSP", "PHIMARKERACC"]
+SIZE = 32
+
+
+def brain_value(s):
+    """HU of the central 'brain' of slice s: identifies the DICOM slice after conversion."""
+    return 20 + 3 * s
+
+
+def slice_hu(s, size=SIZE):
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    r = np.hypot(yy, xx)
+    img = np.full((size, size), -1000, np.int16)
+    img[r < size * 0.42] = 900  # skull
+    img[r < size * 0.36] = brain_value(s)
+    return img
+
+
+def write_series(*args, **kwargs):
+    with warnings.catch_warnings():  # RSNA-style "ID_..." SOP UIDs are not valid UI values
+        warnings.simplefilter("ignore")
+        return _write_series(*args, **kwargs)
+
+
+def _write_series(folder, n=12, dz=2.5, z0=10.0, iop=(1, 0, 0, 0, 1, 0), patient="PHIMARKERID", study=None,
+                 series=None, wrap=False, modality="CT", image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+                 sop_class=CTImageStorage, rng=None, positions=None, padding=None, instance_order=None):
+    """One CT series as flat ID_<sop>.dcm files (RSNA style); returns rows (path, sop, z, s)."""
+    rng = rng or np.random.default_rng(0)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    series = series or generate_uid()
+    study = study or generate_uid()
+    positions = positions if positions is not None else [z0 + dz * s for s in range(n)]
+    inst = instance_order if instance_order is not None else rng.permutation(len(positions)) + 1
+    r, c = np.array(iop[:3], float), np.array(iop[3:], float)
+    out = []
+    for s, z in enumerate(positions):
+        sop = "ID_" + generate_uid()[-12:].replace(".", "")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{sop}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality = modality
+        ds.PatientName, ds.PatientID = "Doe^PHIMARKERNAME", patient
+        ds.InstitutionName, ds.AccessionNumber = "PHIMARKERHOSP", "PHIMARKERACC"
+        ds.PatientBirthDate, ds.PatientPosition = "19700101", "HFS"
+        ds.ImageType = list(image_type)
+        ds.SeriesNumber, ds.InstanceNumber = 2, int(inst[s])
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+        origin = np.array([-12.4, -12.4, 0.0]) + z * np.cross(r, c)
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in origin]
+        ds.PixelSpacing, ds.SliceThickness = ["0.8", "0.8"], f"{dz:.2f}"
+        ds.Rows = ds.Columns = SIZE
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = 16
+        hu = slice_hu(s)
+        if padding is not None:
+            hu = hu.copy()
+            hu[:3, :] = padding
+            ds.PixelPaddingValue = padding
+        if wrap:  # RSNA fault: negative HU stored as unsigned 12 bit with intercept 0
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+            ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+            ds.PixelData = (hu.astype(np.int32) % 4096).astype(np.uint16).tobytes()
+        else:
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
+            ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+            ds.PixelData = hu.astype(np.int16).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        out.append({"path": str(path), "sop": sop, "z": z, "s": s})
+    return pd.DataFrame(out)
+
+
+def cfg_for(path, fmt="rsna", labels="", masks="", **ingest):
+    return {
+        "seed": 7,
+        "input": {"format": fmt, "path": str(path), "labels": str(labels), "masks": str(masks),
+                  "scan_id": "uid", "scan_id_key": ""},
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+        "ingest": {"min_slices": 5, "hu_min": -1100, "hu_max": 3100, "index_threads": 1, **ingest},
+    }
+
+
+def write_rsna_labels(path, rows: pd.DataFrame, positive):
+    lines = []
+    for sop, s in zip(rows["sop"], rows["s"]):
+        for lab in LABELS:
+            pos = s in positive and lab in ("any", "subdural")
+            lines.append((f"{sop}_{lab}", int(pos)))
+    pd.DataFrame(lines, columns=["ID", "Label"]).sample(frac=1, random_state=3).to_csv(path, index=False)
+
+
+def run_all(cfg, results, batches=1, threads=1):
+    plan = plan_cohort(cfg, results / "ingest")
+    ok = sorted(plan.scans.loc[plan.scans["status"] == "ok", "scan_id"])
+    groups = {f"c{i:04d}": ok[i::batches] for i in range(batches) if ok[i::batches]}
+    write_batch_plans(plan, groups, results / "ingest" / "plan")
+    manifests = []
+    for b in groups:
+        m = results / "ingest" / "batches" / f"{b}.tsv"
+        ingest_batch(results / "ingest" / "plan" / f"{b}.tsv", cfg, results, m, threads=threads)
+        manifests.append(m)
+    table = write_scans_table(plan, manifests, results / "scans.tsv")
+    return plan, table
+
+
+def decode_slices(nifti):
+    """For each NIfTI slice, the DICOM slice s whose brain value it holds."""
+    a = np.asanyarray(nib.load(str(nifti)).dataobj)
+    c = a[SIZE // 2 - 2:SIZE // 2 + 2, SIZE // 2 - 2:SIZE // 2 + 2, :].reshape(-1, a.shape[2])
+    return (np.median(c, axis=0) - 20) / 3
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def test_index_records_non_dicom_truncated_and_reuses_cache(tmp_path, monkeypatch):
+    rows = write_series(tmp_path / "in" / "a", n=6)
+    (tmp_path / "in" / "README.txt").write_text("not a dicom file\n")
+    (tmp_path / "in" / "a" / "empty.dcm").write_bytes(b"")
+    victim = rows["path"][2]
+    data = Path(victim).read_bytes()
+    Path(victim).write_bytes(data[:-700])  # pixel data cut short
+    cache = tmp_path / "cache" / "index.tsv.gz"
+    df = ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
+    assert len(df) == 8
+    by = df.set_index(df["path"].map(lambda p: Path(p).name))
+    assert not by.loc["README.txt", "readable"] and "not DICOM" in by.loc["README.txt", "error"]
+    assert not by.loc["empty.dcm", "readable"]
+    assert by.loc[Path(victim).name, "truncated"] and by.loc[Path(victim).name, "readable"]
+    assert by["truncated"].sum() == 1
+    assert (by.loc[by["readable"], "expected_pixel_bytes"] == SIZE * SIZE * 2).all()
+    assert "patient_key" not in df and "PHIMARKERID" not in df.to_csv()
+    assert set(df.loc[df["readable"], "patient_group"]) == {0}
+
+    calls = []
+    real = ix.read_header
+    monkeypatch.setattr(ix, "read_header", lambda p, s: calls.append(p) or real(p, s))
+    before = cache.stat().st_mtime_ns
+    again = ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
+    assert calls == [] and cache.stat().st_mtime_ns == before  # nothing read, cache untouched
+    pd.testing.assert_frame_equal(again, df)
+    os.utime(rows["path"][0], ns=(1, 1))
+    write_series(tmp_path / "in" / "b", n=1)
+    third = ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
+    assert len(calls) == 2 and len(third) == 9
+    assert cache.stat().st_mtime_ns != before
+    assert b"PHIMARKER" not in __import__("gzip").decompress(cache.read_bytes())
+
+
+def test_index_processes_match_serial(tmp_path):
+    write_series(tmp_path / "a", n=8)
+    write_series(tmp_path / "b", n=8, patient="OTHER")
+    serial = ix.index_dicom(tmp_path, threads=1)
+    procs = ix.index_dicom(tmp_path, threads=2, executor="process")
+    cols = [c for c in serial.columns if c != "patient_group"]
+    pd.testing.assert_frame_equal(serial[cols], procs[cols])
+    assert serial["patient_group"].nunique() == 2
+
+
+# ----------------------------------------------------------------------------- series
+
+
+def test_classification_reasons(tmp_path):
+    write_series(tmp_path / "ok", n=8)
+    write_series(tmp_path / "loc", n=1, iop=(0, 1, 0, 0, 0, -1), image_type=("ORIGINAL", "PRIMARY", "OTHER"))
+    write_series(tmp_path / "sag", n=8, iop=(0, 1, 0, 0, 0, -1))
+    write_series(tmp_path / "few", n=3)
+    write_series(tmp_path / "mr", n=8, modality="MR")
+    write_series(tmp_path / "sc", n=8, sop_class=SecondaryCaptureImageStorage)
+    write_series(tmp_path / "tilt", n=8, iop=(1, 0, 0, 0, np.cos(0.35), -np.sin(0.35)))
+    idx = ix.index_dicom(tmp_path, threads=1)
+    ser = classify_series(idx, min_slices=5, roots=[tmp_path]).set_index("source")
+    assert ser.loc["ok", "status"] == "ok" and ser.loc["tilt", "status"] == "ok"
+    assert ser.loc["tilt", "tilt_deg"] == pytest.approx(np.degrees(0.35), abs=0.01)
+    assert ser.loc["loc", "reason"].startswith("localizer (single non-axial")
+    assert ser.loc["sag", "reason"].startswith("non-axial reconstruction")
+    assert ser.loc["few", "reason"] == "3 slice(s) < ingest.min_slices 5"
+    assert ser.loc["mr", "reason"] == "not CT (modality MR)"
+    assert ser.loc["sc", "reason"] == "secondary capture"
+
+
+def test_scan_ids_uid_and_hash():
+    assert scan_id_for("1.2.3") == "1.2.3"
+    assert scan_id_for("1.2 3/4") == "1.2_3_4"
+    h = scan_id_for("1.2.3", "hash", "key")
+    assert h.startswith("s") and len(h) == 17 and h == scan_id_for("1.2.3", "hash", "key")
+    assert h != scan_id_for("1.2.3", "hash", "other")
+    with pytest.raises(ValueError, match="scan_id_key"):
+        scan_id_for("1.2.3", "hash", "")
+
+
+# ----------------------------------------------------------------------------- conversion + labels
+
+
+def test_rsna_labels_follow_world_position_not_instance_number(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hemocam")
+    rng = np.random.default_rng(5)
+    rows = write_series(tmp_path / "dicom", n=10, rng=rng, patient="PHIMARKERID")
+    # a second series in the same flat folder must not leak into the first
+    other = write_series(tmp_path / "dicom", n=7, rng=rng, patient="PHIMARKERID", z0=100)
+    labels = tmp_path / "labels.csv"
+    positive = {3, 4, 5}
+    write_rsna_labels(labels, pd.concat([rows, other]), positive)
+    with open(labels, "a") as fh:
+        fh.write("ID_unknown_any,1\nID_unknown_subdural,1\n")
+    res = tmp_path / "results"
+    plan, table = run_all(cfg_for(tmp_path / "dicom", labels=labels), res)
+    assert (table["status"] == "ok").all() and len(table) == 2
+    for sid, n in zip(table["scan_id"], table["n_slices"]):
+        s_of_k = decode_slices(res / "nifti" / f"{sid}.nii.gz")
+        assert np.allclose(s_of_k, np.round(s_of_k))  # every NIfTI slice is one DICOM slice
+        lab = read_tsv(res / "labels" / f"{sid}.tsv")
+        assert list(lab.columns) == ["slice", *LABELS] and list(lab["slice"]) == list(range(int(n)))
+        expect = np.isin(np.round(s_of_k), list(positive)).astype(int)
+        assert (lab["subdural"].to_numpy() == expect).all() and (lab["any"].to_numpy() == expect).all()
+        assert lab[["epidural", "intraparenchymal"]].to_numpy().sum() == 0
+    img = nib.load(str(res / "nifti" / f"{table['scan_id'][0]}.nii.gz"))
+    assert img.get_data_dtype() == np.int16
+    assert np.allclose(img.header.get_zooms(), (0.8, 0.8, 2.5), atol=1e-3)
+    assert_no_markers([res], MARKERS)
+    assert not any(m in caplog.text for m in MARKERS)
+
+
+def test_unlabelled_series_rejected_for_rsna(tmp_path):
+    a = write_series(tmp_path / "dicom", n=6)
+    write_series(tmp_path / "dicom", n=6, z0=200)
+    labels = tmp_path / "labels.csv"
+    write_rsna_labels(labels, a, set())
+    plan = plan_cohort(cfg_for(tmp_path / "dicom", labels=labels), tmp_path / "r" / "ingest")
+    st = plan.scans.set_index("status")
+    assert list(plan.scans["status"]).count("ok") == 1
+    assert st.loc["rejected", "reason"].startswith("no label rows")
+
+
+def test_resampled_gap_labels_nearest_slice(tmp_path):
+    # uneven positions: dcm2niix resamples (_Eq); labels go to the nearest DICOM slice in z
+    z = [0, 2, 4, 6, 8, 14, 16, 18, 20, 22]
+    rows = write_series(tmp_path / "dicom", positions=z)
+    labels = tmp_path / "labels.csv"
+    write_rsna_labels(labels, rows, {5})  # the slice at z = 14
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(tmp_path / "dicom", labels=labels), res)
+    row = table.iloc[0]
+    assert row["status"] == "ok" and "resampled" in row["notes"]
+    img = nib.load(str(res / "nifti" / f"{row['scan_id']}.nii.gz"))
+    kz = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]  # world z of each slice
+    lab = read_tsv(res / "labels" / f"{row['scan_id']}.tsv")
+    want = [int(np.argmin(np.abs(np.array(z) - zz)) == 5) for zz in kz]
+    assert lab["subdural"].tolist() == want and sum(want) >= 1
+
+
+def test_truncated_file_dropped_with_note(tmp_path):
+    rows = write_series(tmp_path / "dicom", n=9)
+    mid = rows.sort_values("z")["path"].iloc[4]
+    Path(mid).write_bytes(Path(mid).read_bytes()[:-100])
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(tmp_path / "dicom", fmt="dicom"), res)
+    row = table.iloc[0]
+    assert row["status"] == "ok"
+    assert "dropped 1 truncated file(s): " + Path(mid).name in row["notes"]
+    assert int(row["n_slices"]) == 9  # the gap resampled by dcm2niix
+    assert not (res / "labels").exists()
+
+
+def test_truncated_below_min_slices_rejected_naming_file(tmp_path):
+    rows = write_series(tmp_path / "dicom", n=5)
+    Path(rows["path"][1]).write_bytes(Path(rows["path"][1]).read_bytes()[:-10])
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(tmp_path / "dicom", fmt="dicom"), res)
+    assert table["status"].iloc[0] == "rejected"
+    assert rows["path"][1] in table["reason"].iloc[0]
+    assert not any((res / "nifti").glob("*")) if (res / "nifti").exists() else True
+
+
+def test_12bit_wrap_repaired(tmp_path):
+    write_series(tmp_path / "dicom", n=6, wrap=True)
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(tmp_path / "dicom", fmt="dicom"), res)
+    row = table.iloc[0]
+    assert row["status"] == "ok" and "12-bit wrap repaired" in row["notes"]
+    a = np.asanyarray(nib.load(str(res / "nifti" / f"{row['scan_id']}.nii.gz")).dataobj)
+    assert a.min() == -1000 and a.max() == 900  # air and skull back where they belong
+    assert sorted(np.round(decode_slices(res / "nifti" / f"{row['scan_id']}.nii.gz"))) == list(range(6))
+
+
+def test_wrap_left_unrepaired_is_out_of_range():
+    wrapped = (slice_hu(0).astype(np.int32) % 4096).astype(float)[..., None].repeat(3, axis=2)
+    wrapped[:3] += 100  # wrapped air with noise reaches past 3100
+    with pytest.raises(InputError, match="outside"):
+        hu_mod.to_hu_int16(wrapped, "x", wrap=False)
+    fixed, notes = hu_mod.to_hu_int16(wrapped - np.where(wrapped > 3000, 100, 0), "x", wrap=True)
+    assert fixed.min() == -1000 and "12-bit wrap repaired" in notes[0]
+
+
+def test_padding_clipped_to_air(tmp_path):
+    write_series(tmp_path / "dicom", n=6, padding=-2000)
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(tmp_path / "dicom", fmt="dicom"), res)
+    row = table.iloc[0]
+    a = np.asanyarray(nib.load(str(res / "nifti" / f"{row['scan_id']}.nii.gz")).dataobj)
+    assert row["status"] == "ok" and a.min() == -1024 and "padding -2000" in row["notes"]
+
+
+def test_pick_output_prefers_tilt_corrected_and_refuses_several():
+    p = [Path(x) for x in ("vol.nii", "vol_Tilt_Eq_1.nii", "vol_ROI1.nii")]
+    assert pick_output(p) == (Path("vol_Tilt_Eq_1.nii"), "tilt_eq")
+    assert pick_output([Path("vol.nii"), Path("vol_Eq_1.nii")])[1] == "eq"
+    with pytest.raises(InputError, match="several volumes"):
+        pick_output([Path("vol.nii"), Path("vola.nii")])
+
+
+def test_dcm2niix_messages_are_scrubbed():
+    text = "Chris Rorden's dcm2niiX\nWarning: name Doe^Jane in 12345\nsome path /x/Jane\nConvert 3 DICOM"
+    out = scrub(text, ["Doe^Jane", "Jane", "12345"])
+    assert "Jane" not in out and "12345" not in out and "Rorden" not in out and "Convert 3 DICOM" in out
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_dicom_mask_resampled_through_affines(tmp_path):
+    rows = write_series(tmp_path / "dicom", n=8, dz=2.0, z0=0)
+    labels = tmp_path / "labels.csv"
+    write_rsna_labels(labels, rows, {2})
+    plan = plan_cohort(cfg_for(tmp_path / "dicom", labels=labels), tmp_path / "tmpplan")
+    sid = plan.scans["scan_id"].iloc[0]
+    # mask on a finer grid in RAS: a box around world (x, y) = (0, 0), z in [4, 8]
+    masks = tmp_path / "masks"
+    aff = np.diag([0.4, 0.4, 1.0, 1.0])
+    aff[:3, 3] = [-12.8, -12.8, -2]
+    m = np.zeros((64, 64, 20), np.uint8)
+    m[28:36, 28:36, 6:11] = 1  # x,y in [-1.6, 1.6), z in [4, 8]
+    save_nifti(m, aff, masks / f"{sid}.nii.gz")
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(tmp_path / "dicom", labels=labels, masks=masks), res)
+    assert table["status"].iloc[0] == "ok" and "mask resampled" in table["notes"].iloc[0]
+    img = nib.load(str(res / "masks" / f"{sid}.nii.gz"))
+    got = np.asanyarray(img.dataobj)
+    assert img.get_data_dtype() == np.uint8 and got.shape == nib.load(str(res / "nifti" / f"{sid}.nii.gz")).shape
+    ijk = np.argwhere(got > 0)
+    world = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
+    assert len(world) and np.all(np.abs(world[:, :2]) < 2.0) and world[:, 2].min() >= 4 - 1e-6 and world[:, 2].max() <= 8 + 1e-6
+    assert sorted(set(np.round(world[:, 2], 3))) == [4.0, 6.0, 8.0]
+
+
+# ----------------------------------------------------------------------------- plan + splits
+
+
+def test_splits_grouped_by_patient_and_deterministic(tmp_path):
+    for p in range(6):
+        for j in range(2):
+            write_series(tmp_path / "dicom" / f"p{p}" / f"s{j}", n=5, patient=f"PAT{p}")
+    cfg = cfg_for(tmp_path / "dicom", fmt="dicom")
+    a = plan_cohort(cfg, tmp_path / "r1").scans
+    b = plan_cohort(cfg, tmp_path / "r2").scans
+    pd.testing.assert_frame_equal(a, b)
+    assert a.groupby("patient_group")["split"].nunique().max() == 1
+    assert a["patient_group"].nunique() == 6
+    assert {"train", "val", "test"} <= set(a["split"])
+    assert a.groupby("patient_group")["source"].agg(lambda s: s.str.split("/").str[0].nunique()).max() == 1
+    assert "PAT" not in a.to_csv() and "PHIMARKER" not in a.to_csv()
+
+
+def test_assign_splits_minimums_and_fixed():
+    keys = pd.Series(["a", "b", "c"])
+    out = assign_splits(keys, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=1)
+    assert sorted(out) == ["test", "train", "val"]
+    keys = pd.Series([f"g{i // 2}" for i in range(40)])
+    s1 = assign_splits(keys, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=1)
+    assert s1.groupby(keys).nunique().max() == 1
+    assert s1.value_counts().to_dict() == {"train": 24, "val": 8, "test": 8}
+    s2 = assign_splits(keys, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=2)
+    assert not s1.equals(s2)
+    fixed = pd.Series(["test"] + [""] * 39)
+    s3 = assign_splits(keys, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=1, fixed=fixed)
+    assert s3[0] == "test" and s3[1] == "test"
+
+
+def test_plan_is_cached_and_batches_rewritten_only_on_change(tmp_path, monkeypatch):
+    rows = write_series(tmp_path / "dicom", n=6)
+    cfg = cfg_for(tmp_path / "dicom", fmt="dicom")
+    plan = plan_cohort(cfg, tmp_path / "r")
+    write_batch_plans(plan, {"c0000": list(plan.scans["scan_id"])}, tmp_path / "plans")
+    f = tmp_path / "plans" / "c0000.tsv"
+    m0 = f.stat().st_mtime_ns
+    monkeypatch.setattr(ix, "read_header", lambda *a: pytest.fail("header read on a cached plan"))
+    again = plan_cohort(cfg, tmp_path / "r")
+    pd.testing.assert_frame_equal(again.scans, plan.scans)
+    assert write_batch_plans(again, {"c0000": list(plan.scans["scan_id"])}, tmp_path / "plans") == []
+    assert f.stat().st_mtime_ns == m0
+    # a split change alone does not change the batch plan (no needless re-ingestion)
+    cfg["split"] = {"train": 1.0, "val": 0.0, "test": 0.0}
+    third = plan_cohort(cfg, tmp_path / "r")
+    assert write_batch_plans(third, {"c0000": list(plan.scans["scan_id"])}, tmp_path / "plans") == []
+    assert f.stat().st_mtime_ns == m0
+    bp = read_tsv(f)
+    assert len(bp) == 6 and set(bp["path"]) == set(rows["path"])
+
+
+# ----------------------------------------------------------------------------- samplesheet + physionet
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("dup", "duplicate scan_id"), ("../x", "must match"), ("/abs/x", "must match"),
+    ("has space", "must match"), ("..", "must match"), (".", "must match"),
+])
+def test_samplesheet_rejects_bad_ids(tmp_path, bad, msg):
+    ids = ["dup", "dup"] if bad == "dup" else ["fine", bad]
+    (tmp_path / "s.tsv").write_text("scan_id\timage\n" + "".join(f"{i}\tx.nii.gz\n" for i in ids))
+    with pytest.raises(InputError, match=msg):
+        read_samplesheet(tmp_path / "s.tsv")
+
+
+def test_samplesheet_nifti_and_dicom(tmp_path):
+    aff = np.diag([0.8, 0.8, 3.0, 1.0])
+    vol = np.stack([slice_hu(s) for s in range(7)], axis=2)
+    save_nifti(vol, aff, tmp_path / "data" / "a.nii.gz", dtype=np.int16)
+    m = np.zeros_like(vol, dtype=np.uint8)
+    m[10:14, 10:14, 2] = 1
+    save_nifti(m, aff, tmp_path / "data" / "a_mask.nii.gz")
+    write_series(tmp_path / "data" / "dcm", n=6)
+    (tmp_path / "data" / "junk.txt").write_text("x")
+    sheet = tmp_path / "sheet" / "s.tsv"
+    sheet.parent.mkdir()
+    sheet.write_text("scan_id\timage\tmask\tsplit\n"
+                     "a\t../data/a.nii.gz\t../data/a_mask.nii.gz\ttest\n"
+                     "b\t../data/dcm\t\t\n"
+                     "c\t../data/missing.nii.gz\t\t\n"
+                     "d\t../data/junk.txt\t\t\n")
+    labels = tmp_path / "labels.tsv"
+    lab = pd.DataFrame({"scan_id": "a", "slice": range(7), **{k: 0 for k in LABELS}})
+    lab.loc[2, ["any", "epidural"]] = 1
+    lab.to_csv(labels, sep="\t", index=False)
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(sheet, fmt="samplesheet", labels=labels), res)
+    t = table.set_index("scan_id")
+    assert t.loc["a", "status"] == "ok" and t.loc["a", "split"] == "test"
+    assert t.loc["b", "status"] == "ok"
+    assert "not found" in t.loc["c", "reason"] and "neither" in t.loc["d", "reason"]
+    assert plan.scans.set_index("scan_id").loc["a", "mask"].endswith("a_mask.nii.gz")
+    got = read_tsv(res / "labels" / "a.tsv")
+    assert got["epidural"].tolist() == [0, 0, 1, 0, 0, 0, 0]
+    assert not (res / "labels" / "b.tsv").exists() and "no label rows" in t.loc["b", "notes"]
+    mk = nib.load(str(res / "masks" / "a.nii.gz"))
+    assert np.array_equal(np.asanyarray(mk.dataobj), m) and mk.get_data_dtype() == np.uint8
+    out = nib.load(str(res / "nifti" / "a.nii.gz"))
+    assert np.array_equal(np.asanyarray(out.dataobj), vol) and np.allclose(out.affine, aff)
+
+
+def test_physionet_layout(tmp_path):
+    root = tmp_path / "ctich"
+    aff = np.diag([-0.5, 0.5, 5.0, 1.0])
+    for n in (49, 50):
+        vol = np.stack([slice_hu(s) for s in range(6)], axis=2)
+        img = nib.Nifti1Image(vol.astype(np.int16), aff)
+        (root / "ct_scans").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        nib.save(img, root / "ct_scans" / f"{n:03d}.nii")
+        m = np.zeros(vol.shape, np.uint8)
+        m[5:9, 5:9, 3] = 255
+        nib.save(nib.Nifti1Image(m, aff), root / "masks" / f"{n:03d}.nii")
+    rows = []
+    for s in range(1, 7):
+        rows.append({"PatientNumber": 49, "SliceNumber": s, "Intraventricular": 0, "Intraparenchymal": 0,
+                     "Subarachnoid": 0, "Epidural": int(s == 4), "Subdural": 0, "No_Hemorrhage": int(s != 4),
+                     "Fracture_Yes_No": 0})
+    pd.DataFrame(rows).to_csv(root / "hemorrhage_diagnosis_raw_metadata.csv", index=False)
+    res = tmp_path / "res"
+    plan, table = run_all(cfg_for(root, fmt="physionet"), res)
+    t = table.set_index("scan_id")
+    assert t.loc["049", "status"] == "ok" and t.loc["050", "status"] == "rejected"
+    assert "no rows" in t.loc["050", "reason"]
+    lab = read_tsv(res / "labels" / "049.tsv", dtype={"slice": int})
+    assert lab["epidural"].tolist() == [0, 0, 0, 1, 0, 0] and lab["any"].tolist() == [0, 0, 0, 1, 0, 0]
+    mk = np.asanyarray(nib.load(str(res / "masks" / "049.nii.gz")).dataobj)
+    assert mk.max() == 1 and mk[:, :, 3].sum() == 16
