@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start a throwaway single-node Slurm (22.05, Debian packages) for tests/test_slurm.py:
 # munged, MariaDB + slurmdbd (so `sacct` has Slurm's own job records), slurmctld and
-# slurmd for one node "localhost" with every CPU, 90% of the memory and one fake GPU.
+# slurmd for one node "localhost" with every CPU, 90% of the memory and one fake GPU
+# (type "fake"). Partitions: "hemocam" (default) and "hemocam-gpu", both that node, so a
+# test can tell which partition a job asked for; accounts: root and "hemocam".
 #
 #   tests/slurm/start_slurm.sh [STATE_DIR]     (default /tmp/hemocam-slurm; root only)
 #
@@ -9,14 +11,13 @@
 # STATE_DIR; stop_slurm.sh STATE_DIR stops exactly the daemons started here.
 # slurm.conf must sit at the default path /etc/slurm/slurm.conf: the jobstep plugin
 # drops SLURM_CONF before its inner `srun`. A slurm.conf not written by this script is
-# never overwritten (this must not clobber a real cluster's configuration).
+# never overwritten (this must not clobber a real cluster's configuration): exit status 3.
 set -euo pipefail
 
 STATE=${1:-/tmp/hemocam-slurm}
 HERE=$(cd "$(dirname "$0")" && pwd)
 MARK="# hemocam-test-cluster (written by tests/slurm/start_slurm.sh)"
 CONF_DIR=/etc/slurm
-PARTITION=${HEMOCAM_TEST_PARTITION:-hemocam}
 DB_PORT=${HEMOCAM_TEST_DB_PORT:-3307}
 t0=$(date +%s)
 
@@ -28,11 +29,12 @@ for b in munged slurmctld slurmd slurmdbd sinfo sacct sacctmgr mariadbd mariadb-
     command -v "$b" >/dev/null || die "$b not found: run tests/slurm/install_slurm.sh"
 done
 if [ -e "$CONF_DIR/slurm.conf" ] && ! head -n1 "$CONF_DIR/slurm.conf" | grep -qF "$MARK"; then
-    die "$CONF_DIR/slurm.conf exists and was not written by this script; refusing to replace it"
+    echo "start_slurm.sh: $CONF_DIR/slurm.conf exists and was not written by this script; refusing to replace it" >&2
+    exit 3
 fi
 
 # A previous test cluster in the same state dir: stop it, then start from scratch.
-if [ -d "$STATE" ]; then
+if [ -d "$STATE" ] && [ -n "$(ls -A "$STATE")" ]; then
     [ -e "$STATE/.hemocam-slurm" ] || die "$STATE exists but is not a hemocam test-cluster state dir"
     "$HERE/stop_slurm.sh" "$STATE" || true
     rm -rf "$STATE"
@@ -107,7 +109,7 @@ SelectTypeParameters=CR_Core_Memory
 GresTypes=gpu
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
-AccountingStorageTRES=gres/gpu
+AccountingStorageTRES=gres/gpu,gres/gpu:fake
 # The plugin puts the rule name in the job comment; keep it in the accounting records.
 AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/linux
@@ -119,13 +121,14 @@ SchedulerType=sched/backfill
 MpiDefault=none
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem Gres=gpu:1 State=UNKNOWN
-PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem Gres=gpu:fake:1 State=UNKNOWN
+PartitionName=hemocam Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=hemocam-gpu Nodes=localhost MaxTime=INFINITE State=UP
 EOF
 # A fake GPU: a count-only line marks the node invalid, so point it at /dev/null.
 cat >"$CONF_DIR/gres.conf" <<EOF
 $MARK
-NodeName=localhost Name=gpu File=/dev/null
+NodeName=localhost Name=gpu Type=fake File=/dev/null
 EOF
 cat >"$CONF_DIR/slurmdbd.conf" <<EOF
 $MARK
@@ -147,12 +150,14 @@ chmod 600 "$CONF_DIR/slurmdbd.conf"
 setsid slurmdbd </dev/null
 wait_for 60 slurmdbd sacctmgr -n list cluster
 sacctmgr -i add cluster hemocam >/dev/null
+sacctmgr -i add account hemocam cluster=hemocam >/dev/null
+sacctmgr -i add user root account=hemocam cluster=hemocam >/dev/null
 log "slurmdbd up"
 setsid slurmctld </dev/null
 wait_for 30 slurmctld scontrol ping
 setsid slurmd -N localhost </dev/null
-node_idle() { [ "$(sinfo -h -N -n localhost -o %t)" = "idle" ]; }
+node_idle() { [ "$(sinfo -h -N -n localhost -o %t | sort -u)" = "idle" ]; }
 wait_for 60 "node localhost idle" node_idle
 # sacct must answer (the executor plugin's status checks use it).
 wait_for 30 sacct sacct -n -X
-log "slurm up: node localhost, $cpus CPUs, ${real_mem} MB, gpu:1, partition $PARTITION, state $STATE"
+log "slurm up: node localhost, $cpus CPUs, ${real_mem} MB, gpu:fake:1, partitions hemocam hemocam-gpu, state $STATE"

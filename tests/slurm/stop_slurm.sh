@@ -7,27 +7,34 @@ STATE=${1:-/tmp/hemocam-slurm}
 MARK="# hemocam-test-cluster (written by tests/slurm/start_slurm.sh)"
 [ -e "$STATE/.hemocam-slurm" ] || { echo "stop_slurm.sh: no test cluster in $STATE"; exit 0; }
 
-# stop PIDFILE: SIGTERM the process named in PIDFILE, wait up to 20 s, then SIGKILL.
+# stop PIDFILE...: SIGTERM the processes named in the pid files, wait up to 20 s for
+# them to exit, then SIGKILL what is left.
 stop() {
-    local f=$1 pid
-    [ -s "$f" ] || return 0
-    pid=$(cat "$f")
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 40); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.5
+    local f pid pids=()
+    for f in "$@"; do
+        [ -s "$f" ] || continue
+        pid=$(cat "$f")
+        kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
     done
-    kill -KILL "$pid" 2>/dev/null
+    for _ in $(seq 100); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" -eq 0 ] && return 0
+        sleep 0.2
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
 }
 
-# Jobs first, so that slurmd does not leave job steps behind.
-command -v scancel >/dev/null && scancel --quiet --full --partition="${HEMOCAM_TEST_PARTITION:-hemocam}" 2>/dev/null
-stop "$STATE/slurmd.pid"
-stop "$STATE/slurmctld.pid"
+# Jobs first, so that slurmd does not leave job steps behind (only while our slurmctld
+# runs: scancel would otherwise retry for a long while).
+if [ -s "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
+    for p in hemocam hemocam-gpu; do
+        timeout 10 scancel --quiet --full --partition="$p" 2>/dev/null
+    done
+fi
+stop "$STATE/slurmd.pid" "$STATE/slurmctld.pid"
 stop "$STATE/slurmdbd.pid"
-stop "$STATE/mysql/mariadb.pid"
-stop "$STATE/munge/munged.pid"
+stop "$STATE/mysql/mariadb.pid" "$STATE/munge/munged.pid"
 
 for f in /etc/slurm/slurm.conf /etc/slurm/gres.conf /etc/slurm/slurmdbd.conf; do
     if [ -e "$f" ] && head -n1 "$f" | grep -qF "$MARK"; then
