@@ -80,7 +80,11 @@ class Anatomy:
     shift: tuple = (0.0, 0.0, 0.0, 1.0, 1.0)
 
     def to_head(self, p):
-        return ((np.asarray(p, np.float64) - self.centre) @ self.rot).astype(F32)
+        """World (N, 3) -> head frame, float32; column arithmetic (a (N,3)@(3,3) matmul is slow)."""
+        p = np.asarray(p)
+        d = [p[:, a].astype(F32) - F32(self.centre[a]) for a in range(3)]
+        r = self.rot.astype(F32)
+        return np.stack([d[0] * r[0, c] + d[1] * r[1, c] + d[2] * r[2, c] for c in range(3)], axis=1)
 
     def to_world(self, q):
         return np.asarray(q, np.float64) @ self.rot.T + self.centre
@@ -167,10 +171,20 @@ def outer_radius(anat: Anatomy, ux, uy, uz):
     """Scalp surface distance from the origin along unit direction u."""
     c = np.where(uz > 0, F32(anat.c_up), F32(anat.c_down))
     r = 1.0 / np.sqrt((ux / F32(anat.a)) ** 2 + (uy / F32(anat.b)) ** 2 + (uz / c) ** 2)
-    bump = np.zeros_like(r)
+    powers = {}
+
+    def pw(u, name, e):  # cached small integer powers of the direction cosines
+        if e == 0:
+            return F32(1)
+        key = (name, e)
+        if key not in powers:
+            powers[key] = u if e == 1 else u * pw(u, name, e - 1)
+        return powers[key]
+
+    bump = F32(1)
     for coef, ex, ey, ez in anat.shape_terms:
-        bump += F32(coef) * ux**ex * uy**ey * uz**ez
-    return r * (1 + bump)
+        bump = bump + F32(coef) * pw(ux, "x", ex) * pw(uy, "y", ey) * pw(uz, "z", ez)
+    return r * bump
 
 
 def temporal_weight(ux, uy, uz):
@@ -255,12 +269,18 @@ def render_anatomy(anat: Anatomy, p_world: np.ndarray, voxel_mm: float) -> Scene
 
     _draw_head_holder(anat, scene)
     rho = np.sqrt(x * x + y * y + z * z) + F32(1e-3)
-    ux, uy, uz = x / rho, y / rho, z / rho
-    d_out = outer_radius(anat, ux, uy, uz) - rho
-    head = np.flatnonzero(d_out >= 0)
+    # only points that can be inside the scalp need the direction-dependent surface
+    c = np.where(z > 0, F32(1.2 * anat.c_up), F32(1.2 * anat.c_down))
+    near = np.flatnonzero((x / F32(1.2 * anat.a)) ** 2 + (y / F32(1.2 * anat.b)) ** 2 + (z / c) ** 2 < 1)
+    rn = rho[near]
+    ux, uy, uz = x[near] / rn, y[near] / rn, z[near] / rn
+    d_out = outer_radius(anat, ux, uy, uz) - rn
+    inside = d_out >= 0
+    head = near[inside]
     if len(head) == 0:
         return scene
-    sub = _HeadPoints(q[head], xs[head], d_out[head], ux[head], uy[head], uz[head])
+    ux, uy, uz, d_out = ux[inside], uy[inside], uz[inside], d_out[inside]
+    sub = _HeadPoints(q[head], xs[head], d_out, ux, uy, uz)
     t_sub, hu_sub, din_sub = _draw_layers(anat, sub)
     cav = _draw_cavity(anat, sub, t_sub, hu_sub, din_sub, voxel_mm)
     _draw_skull_base(anat, sub, t_sub, hu_sub, din_sub, cav)
@@ -293,10 +313,11 @@ class _HeadPoints:
 
 def _draw_head_holder(anat, scene):
     """Curved plastic head rest behind the occiput (world frame: it does not rotate with the head)."""
-    d = scene.p - anat.centre
-    ex, ey = d[:, 0] / (anat.a + 16), d[:, 1] / (anat.b + 12)
-    r = np.sqrt(ex * ex + ey * ey) * ((anat.a + anat.b) / 2 + 14)
-    shell = (np.abs(r - ((anat.a + anat.b) / 2 + 14)) < 1.5) & (d[:, 1] < -0.55 * anat.b) & (d[:, 2] < 0.5 * anat.c_up)
+    dx, dy, dz = (scene.p[:, a] - F32(anat.centre[a]) for a in range(3))
+    ex, ey = dx / F32(anat.a + 16), dy / F32(anat.b + 12)
+    radius = F32((anat.a + anat.b) / 2 + 14)
+    r = np.sqrt(ex * ex + ey * ey) * radius
+    shell = (np.abs(r - radius) < 1.5) & (dy < -0.55 * anat.b) & (dz < 0.5 * anat.c_up)
     scene.tissue[shell] = T["holder"]
     scene.hu[shell] = anat.hu["holder"]
 

@@ -119,7 +119,7 @@ def write_nifti_cohort(out_dir, n_scans, matrix=64, n_slices=24, seed=0) -> pd.D
     rows, truth = [], []
     for i, subtypes in enumerate(plan):
         seed_i = scan_seed(seed, i)
-        scan = make_scan(seed_i, matrix=matrix, n_slices=n_slices, subtypes=subtypes, hemorrhage=bool(subtypes))
+        scan = make_scan(seed_i, matrix=matrix, n_slices=n_slices, subtypes=subtypes, hemorrhage=bool(subtypes), strict=False)
         scan_id = opaque_id("series", seed, i)
         save_nifti(scan["hu"], scan["affine"], out / "nifti" / f"{scan_id}.nii.gz", dtype=np.int16)
         save_nifti((scan["mask"] > 0).astype(np.uint8), scan["affine"], out / "masks" / f"{scan_id}.nii.gz", dtype=np.uint8)

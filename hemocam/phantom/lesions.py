@@ -249,27 +249,54 @@ def _mass_effect(les: Lesion):
     return -pr["side"] * float(np.clip(0.5 * (size - 6), 0, 10))
 
 
-def sample_lesions(rng: np.random.Generator, anat: Anatomy, subtypes, slice_z, max_tries=60):
-    """One visible lesion per requested subtype; sets ``anat.shift`` for space-occupying ones."""
+FALLBACK_SUBTYPES = ("subdural", "subarachnoid", "intraparenchymal")
+
+
+def _place(rng, anat, subtype, slice_z, max_tries):
+    for _ in range(max_tries):
+        if subtype in ("epidural", "subdural"):
+            les = _sample_extra_axial(rng, anat, subtype)
+        elif subtype == "intraparenchymal":
+            les = _sample_intraparenchymal(rng, anat, _brain_probe(anat, slice_z, deep=rng.uniform() < 0.5))
+        elif subtype == "subarachnoid":
+            les = _sample_subarachnoid(rng, anat)
+        else:
+            les = _sample_intraventricular(rng, anat)
+        if _visible(anat, les, slice_z):
+            return les
+    return None
+
+
+def sample_lesions(rng: np.random.Generator, anat: Anatomy, subtypes, slice_z, strict=True, max_tries=40):
+    """One visible lesion per requested subtype; sets ``anat.shift`` for space-occupying ones.
+
+    A subtype whose territory the slices do not cover (e.g. ventricles in a short vertex scan)
+    raises ValueError when ``strict``; otherwise it is dropped, and a positive scan left without
+    any lesion gets a convexity subdural / subarachnoid / parenchymal one instead.
+    """
     lesions = []
     order = sorted(subtypes, key=lambda s: ("epidural", "subdural", "intraparenchymal", "subarachnoid", "intraventricular").index(s))
     for subtype in order:
-        for attempt in range(max_tries):
-            if subtype in ("epidural", "subdural"):
-                les = _sample_extra_axial(rng, anat, subtype)
-            elif subtype == "intraparenchymal":
-                les = _sample_intraparenchymal(rng, anat, _brain_probe(anat, slice_z, deep=rng.uniform() < 0.5))
-            elif subtype == "subarachnoid":
-                les = _sample_subarachnoid(rng, anat)
-            else:
-                les = _sample_intraventricular(rng, anat)
-            if _visible(anat, les, slice_z):
+        les = _place(rng, anat, subtype, slice_z, max_tries)
+        if les is None:
+            if strict:
+                raise ValueError(f"cannot place a visible {subtype} lesion on these {len(slice_z)} slices")
+            continue
+        lesions.append(les)
+        _update_shift(anat, les)
+    if subtypes and not lesions:
+        for subtype in FALLBACK_SUBTYPES:
+            les = _place(rng, anat, subtype, slice_z, max_tries)
+            if les is not None:
+                lesions.append(les)
+                _update_shift(anat, les)
                 break
         else:
-            raise RuntimeError(f"could not place a visible {subtype} lesion")
-        lesions.append(les)
-        shift = _mass_effect(les)
-        if abs(shift) > abs(anat.shift[0]):
-            yc, zc = les.centre[1], les.centre[2]
-            anat.shift = (shift, float(yc) * 0.5, float(zc), 70.0, 40.0)
+            raise ValueError(f"cannot place any visible lesion on these {len(slice_z)} slices")
     return lesions
+
+
+def _update_shift(anat: Anatomy, les: Lesion):
+    shift = _mass_effect(les)
+    if abs(shift) > abs(anat.shift[0]):
+        anat.shift = (shift, float(les.centre[1]) * 0.5, float(les.centre[2]), 70.0, 40.0)

@@ -175,7 +175,7 @@ def _tilted_geometry(phantom: Phantom, matrix: int, tilt_deg: float):
 def render_axial_series(plan: ScanPlan, matrix: int, n_slices: int, thickness: float):
     """HU slices in DICOM pixel order, subtype codes per slice, LPS geometry and the truth mask."""
     phantom = sample_phantom(plan.seed, n_slices, thickness, hemorrhage=bool(plan.subtypes),
-                             subtypes=plan.subtypes, anatomy_seed=plan.anatomy_seed)
+                             subtypes=plan.subtypes, anatomy_seed=plan.anatomy_seed, strict=False)
     if "gantry_tilt" in plan.quirks:
         tilt = float(np.round(np.random.default_rng(plan.seed).uniform(*TILT_RANGE), 1))
         ipps, row, col, d, step = _tilted_geometry(phantom, matrix, tilt)
@@ -270,8 +270,12 @@ def _label_rows(sops, slice_code):
 # ----------------------------------------------------------------------------- extra series
 
 
-def _scout_projection(phantom: Phantom, axis: int, spacing=2.5, margin=25.0):
-    """Radiograph-like line integral through the head along world ``axis`` (0 lateral, 1 AP)."""
+def scout_projections(phantom: Phantom, spacing=3.0, margin=25.0):
+    """Radiograph-like line integrals through the head: lateral (along x) and AP (along y).
+
+    Returns [(image, horizontal_axis_coords, z_coords), ...] with image rows running
+    superior -> inferior and columns along the remaining horizontal axis (ascending RAS).
+    """
     anat = phantom.anatomy
     c = anat.centre
     r = max(anat.a, anat.b) + margin
@@ -280,31 +284,30 @@ def _scout_projection(phantom: Phantom, axis: int, spacing=2.5, margin=25.0):
     ys = np.arange(c[1] - r, c[1] + r, spacing)
     zs = np.arange(z_hi, z_lo, -spacing)
     gx, gy, gz = np.meshgrid(xs, ys, zs, indexing="ij")
-    pts = np.column_stack([gx.ravel(), gy.ravel(), gz.ravel()])
+    pts = np.column_stack([gx.ravel(), gy.ravel(), gz.ravel()]).astype(np.float32)
     hu = render_anatomy(anat, pts, voxel_mm=spacing).hu.reshape(gx.shape)
-    mu = np.clip(hu + 1000, 0, None) / 1000.0
-    path = mu.sum(axis=axis) * spacing  # water-equivalent mm along the ray
-    img = 4095 * (1 - np.exp(-path / 120.0))
-    other = ys if axis == 0 else xs
-    # image rows run down (superior -> inferior), columns along the remaining horizontal axis
-    return np.rint(img.T).astype(np.uint16), other, zs
+    mu = np.clip(hu + 1000, 0, None) / 1000.0  # relative to water
+    out = []
+    for axis, other in ((0, ys), (1, xs)):
+        path = mu.sum(axis=axis) * spacing  # water-equivalent mm along each ray
+        img = 4095 * (1 - np.exp(-path / 120.0))
+        out.append((np.rint(img.T).astype(np.uint16), other, zs))
+    return out
 
 
 def _write_localizers(plan, identity, phantom, dicom_dir, seed):
     info = SeriesInfo(plan.study_uid, opaque_id("scout-series", seed, plan.index, n_hex=10),
                       opaque_id("frame", seed, plan.index, n_hex=10), series_number=1, identity=identity,
                       description="TOPOGRAM")
-    spacing = 2.5
-    views = [0, 1][: plan.n_localizer]
-    for j, axis in enumerate(views):
-        img, other, zs = _scout_projection(phantom, axis, spacing)
-        # image column direction: LPS +y (lateral view, posterior) or LPS +x (AP view, patient left)
-        if axis == 0:
-            img = img[:, ::-1]  # columns must run anterior -> posterior (RAS y decreasing)
+    spacing = 3.0
+    views = scout_projections(phantom, spacing)[: plan.n_localizer]
+    for j, (img, other, zs) in enumerate(views):
+        # columns must run along LPS +y (lateral view) or LPS +x (AP view): descending RAS
+        img = img[:, ::-1]
+        if j == 0:
             ipp = [-phantom.anatomy.centre[0], -other[-1], zs[0]]
             iop = [0, 1, 0, 0, 0, -1]
         else:
-            img = img[:, ::-1]  # columns run right -> left (RAS x decreasing)
             ipp = [-other[-1], -phantom.anatomy.centre[1], zs[0]]
             iop = [1, 0, 0, 0, 0, -1]
         sop = opaque_id("scout", seed, plan.index, j)

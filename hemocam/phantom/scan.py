@@ -66,12 +66,16 @@ def choose_subtypes(rng, hemorrhage=None):
 
 
 def sample_phantom(seed: int, n_slices: int = 28, slice_thickness: float = 5.0, hemorrhage=None, subtypes=None,
-                   anatomy_seed=None) -> Phantom:
+                   anatomy_seed=None, strict=None) -> Phantom:
     """Subject, lesions and scanner for ``seed``; independent of the matrix it is rendered on.
 
     ``anatomy_seed``: draw the head from another seed (a second study of the same patient:
-    same anatomy, new position in the scanner, new lesions).
+    same anatomy, new position in the scanner, new lesions). ``strict`` (default: when
+    ``subtypes`` is given): raise ValueError if a subtype cannot show on these slices, instead
+    of dropping it.
     """
+    if strict is None:
+        strict = subtypes is not None
     r_anat, r_les, r_scan, _ = _rngs(seed)
     if anatomy_seed is None:
         anat = sample_anatomy(r_anat)
@@ -93,7 +97,7 @@ def sample_phantom(seed: int, n_slices: int = 28, slice_thickness: float = 5.0, 
     fov = max(r_scan.uniform(220, 250), 2 * (anat.b + abs(anat.centre[1]) + 10))
     scanner = Scanner(fov_mm=float(fov), psf_px=float(r_scan.uniform(0.6, 1.0)), z_blur=float(r_scan.uniform(0.15, 0.35)),
                       noise_hu=float(r_scan.uniform(6, 12)), centre_xy=(0.0, 0.0))
-    lesions = sample_lesions(r_les, anat, subtypes, slice_z)
+    lesions = sample_lesions(r_les, anat, subtypes, slice_z, strict=strict)
     return Phantom(seed, anat, lesions, scanner, slice_z, float(slice_thickness))
 
 
@@ -116,10 +120,14 @@ def axial_affine(phantom: Phantom, matrix: int) -> np.ndarray:
 
 def voxel_points(affine: np.ndarray, shape, k0: int, k1: int) -> np.ndarray:
     """World coordinates of the voxel centres of slices k0..k1-1 (C order over i, j, k)."""
-    i, j, k = np.meshgrid(np.arange(shape[0], dtype=F32), np.arange(shape[1], dtype=F32),
-                          np.arange(k0, k1, dtype=F32), indexing="ij")
-    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
-    return ijk @ affine[:3, :3].T.astype(F32) + affine[:3, 3].astype(F32)
+    i = np.arange(shape[0], dtype=F32)[:, None, None]
+    j = np.arange(shape[1], dtype=F32)[None, :, None]
+    k = np.arange(k0, k1, dtype=F32)[None, None, :]
+    a = affine.astype(F32)
+    pts = np.empty((shape[0], shape[1], k1 - k0, 3), F32)
+    for c in range(3):  # separable sums: cheaper than an (N, 3) @ (3, 3) product
+        pts[..., c] = (a[c, 3] + a[c, 2] * k) + (a[c, 1] * j) + (a[c, 0] * i)
+    return pts.reshape(-1, 3)
 
 
 def render_grid(phantom: Phantom, affine: np.ndarray, shape, chunk_voxels: int = 2_000_000):
@@ -185,14 +193,17 @@ def render_scan(phantom: Phantom, matrix: int) -> dict:
     }
 
 
-def make_scan(seed: int, matrix: int = 128, n_slices: int = 28, slice_thickness=5.0, hemorrhage=None, subtypes=None) -> dict:
+def make_scan(seed: int, matrix: int = 128, n_slices: int = 28, slice_thickness=5.0, hemorrhage=None, subtypes=None,
+              strict=None) -> dict:
     """One synthetic head CT.
 
     Returns a dict: ``hu`` float32 (X, Y, Z) in HU (rounded like a scanner); ``mask`` uint8
     subtype codes (1..5 in ``SUBTYPES`` order, 0 none); ``slice_labels`` DataFrame (slice +
     LABELS, 0/1); ``spacing`` (sx, sy, sz) mm; ``affine`` voxel -> RAS (L, A, S axes);
     extras: ``tissue`` (codes of ``anatomy.TISSUES``), ``subtypes`` shown, ``phantom``.
-    ``hemorrhage`` None draws (~62 % positive); ``subtypes`` forces which subtypes appear.
+    ``hemorrhage`` None draws (~62 % positive); ``subtypes`` forces which subtypes appear
+    (ValueError if one cannot show on these slices, unless ``strict=False``: then it is dropped
+    and ``subtypes`` in the result says what is there).
     """
-    phantom = sample_phantom(seed, n_slices, slice_thickness, hemorrhage, subtypes)
+    phantom = sample_phantom(seed, n_slices, slice_thickness, hemorrhage, subtypes, strict=strict)
     return render_scan(phantom, matrix)
