@@ -93,17 +93,13 @@ def plan_cohort(n_scans: int, seed: int, quirks) -> list[ScanPlan]:
 
 def _assign_quirks(plans, chosen, rng):
     n = len(plans)
-    if "mixed_storage" in chosen:
-        kinds = ["unsigned", "signed", "signed0"]
-        cycle = [kinds[j % 3] for j in range(n)]
-        for plan, kind in zip(plans, rng.permutation(cycle)):
-            plan.storage = str(kind)
     if "shuffled_instance" in chosen:
         for plan in plans:
             plan.quirks.append("shuffled_instance")
     # single-series quirks on distinct series; the tilted one is positive so its mask means something
     free = [int(i) for i in rng.permutation(n)]
     positives = [i for i in free if plans[i].subtypes]
+    storage_fixed = set()
     for q in SINGLE_SERIES_QUIRKS:
         if q not in chosen or not free:
             continue
@@ -111,10 +107,14 @@ def _assign_quirks(plans, chosen, rng):
         i = pool[0] if pool else free[0]
         free.remove(i)
         plans[i].quirks.append(q)
-        if q == "rescale_wrap":
-            plans[i].storage = "wrap12"
-        elif q == "fov_padding":
-            plans[i].storage = "padded"
+        if q in ("rescale_wrap", "fov_padding"):
+            plans[i].storage = "wrap12" if q == "rescale_wrap" else "padded"
+            storage_fixed.add(i)
+    if "mixed_storage" in chosen:
+        rest = [i for i in range(n) if i not in storage_fixed]
+        kinds = ["unsigned", "signed", "signed0"]
+        for j, i in enumerate(rng.permutation(rest)):
+            plans[int(i)].storage = kinds[j % 3]
     if "localizer" in chosen:
         with_scout = rng.uniform(size=n) < 0.35
         with_scout[int(rng.integers(n))] = True
