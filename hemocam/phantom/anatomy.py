@@ -331,7 +331,8 @@ def _draw_layers(anat, s: _HeadPoints):
     tw = temporal_weight(s.ux, s.uy, s.uz)
     scalp = F32(anat.skin_mm + anat.fat_mm + 1.0) + F32(anat.temporalis_mm) * tw
     skull = F32(anat.skull_mm) * (1 + F32(0.25) * s.uy**2 - F32(0.5) * tw) + F32(0.5) * anat.coarse(s.q * F32(2))
-    skull = np.maximum(skull, F32(2.5))
+    sinus_w = frontal_sinus_weight(anat, s)
+    skull = np.maximum(skull, F32(2.5)) + F32(9) * sinus_w  # the frontal bone bulges around its sinus
     d = s.d_out
     skin = d < anat.skin_mm
     fat = ~skin & (d < anat.skin_mm + anat.fat_mm)
@@ -345,15 +346,23 @@ def _draw_layers(anat, s: _HeadPoints):
     bone_hu = np.where(cortical, F32(h["cortical_bone"]) + 110 * tex, F32(h["diploe"]) + 200 * tex)
     tissue[bone] = np.where(cortical, T["cortical_bone"], T["diploe"])
     hu[bone] = bone_hu
-    _draw_frontal_sinus(anat, s, tissue, hu, bone)
+    sinus = bone & ~cortical_full(bd, skull, bone, table) & (sinus_w > 0.35)
+    tissue[sinus], hu[sinus] = T["sinus_air"], h["sinus_air"]
     depth_in = d - scalp - skull
     return tissue, hu, depth_in
 
 
-def _draw_frontal_sinus(anat, s, tissue, hu, bone):
-    zb = anat.base_z
-    sinus = bone & (((s.x / 15) ** 2 + ((s.z - zb - 32) / 10) ** 2) < 1) & (s.uy > 0.8)
-    tissue[sinus], hu[sinus] = T["sinus_air"], anat.hu["sinus_air"]
+def frontal_sinus_weight(anat, s):
+    """0..1: where the frontal sinus sits in the frontal bone above the orbits."""
+    r2 = (s.x / F32(16)) ** 2 + ((s.z - F32(anat.base_z + 32)) / F32(11)) ** 2
+    return np.clip(1 - r2, 0, 1) * _smoothstep(s.uy, 0.85, 0.1)
+
+
+def cortical_full(bd, skull, bone, table):
+    """Outer/inner table mask over all head points, from depth into bone of the bone points."""
+    out = np.zeros(len(bone), bool)
+    out[bone] = (bd < table) | (bd > skull[bone] - table)
+    return out
 
 
 def _draw_cavity(anat, s: _HeadPoints, tissue, hu, depth_in, voxel_mm):
@@ -483,10 +492,10 @@ def _draw_skull_base(anat, s: _HeadPoints, tissue, hu, depth_in, cav):
     petrous = (ax > 14) & (ax < 46) & (np.abs(y - petrous_line(x)) < 9) & (z > zb - 28)
     v[petrous] = F32(h["cortical_bone"]) + 150 * tex[petrous]
     t[petrous] = T["cortical_bone"]
-    sphenoid = (ax < 13) & (y > 2) & (y < 28) & (z > zb - 22) & (z < zb + 6)
-    ethmoid = (ax < 11) & (y > 28) & (z > zb - 10) & (z < zb + 20) & (tex > -0.6)
+    sphenoid = (x / 13) ** 2 + ((y - 15) / 12) ** 2 + ((z - zb + 8) / 13) ** 2 < 1
+    ethmoid = ((x / 11) ** 2 + ((y - 45) / 20) ** 2 + ((z - zb - 5) / 15) ** 2 < 1) & (tex > -0.6)
     mastoid = (ax > 38) & (y < -10) & (z > zb - 32) & (z < zb - 2) & (tex > 0.1)
-    nasal = (ax < 15) & (y > 25) & (z < zb - 10) & (tex > -0.2)
+    nasal = ((x / 15) ** 2 + ((y - 45) / 30) ** 2 < 1) & (z < zb - 10) & (tex > -0.2)
     air = sphenoid | ethmoid | mastoid | nasal
     t[air], v[air] = T["sinus_air"], h["sinus_air"]
     tissue[idx], hu[idx] = t, v

@@ -59,7 +59,7 @@ def _sample_extra_axial(rng, anat: Anatomy, subtype):
     else:  # subdural: wide, thin crescent over the fronto-parietal convexity
         az = (0 if side > 0 else 180) + rng.uniform(-75, 75)
         el = rng.uniform(-5, 50)
-        extent, thick, power = rng.uniform(45, 90), rng.uniform(3, 14), 0.35
+        extent, thick, power = rng.uniform(35, 75), rng.uniform(3, 12), 0.35
         hu = {"obvious": rng.uniform(58, 78), "moderate": rng.uniform(48, 60), "subtle": rng.uniform(35, 50)}[look]
         if look == "subtle":
             thick = rng.uniform(2.5, 6)
