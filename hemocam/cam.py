@@ -13,10 +13,11 @@ How (one scan at a time, B=1, T slices):
   forward costs about what inference costs;
 - T reverse passes from ``logit[t, label]`` to the hooked activations ``A`` (T, K, h, w), keeping
   only row t of each (the diagonal block). With the default ``layer4`` the graph behind the
-  logits is just pooling + LSTM + linear, so these passes are cheap. On CUDA they are batched
-  into one call (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. vmap over the
-  grad_outputs) in chunks; on CPU a plain loop is faster (measured: vmap over the LSTM backward
-  is ~5x slower there). ``grad_mode`` overrides the choice.
+  logits is just pooling + LSTM + linear, so these passes are cheap, and they run as batched
+  backward calls (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. vmap over one-hot
+  grad_outputs, ``grad_chunk`` rows at a time): measured 5x faster than a Python loop of T
+  backward calls on CPU. ``grad_mode: loop`` keeps the loop (a fallback, and the reference the
+  tests compare against).
 - Grad-CAM: weights = spatial mean of the gradient; map = ReLU(sum_k w_k A_k).
   Grad-CAM++ (``method: gradcampp``): weights = sum_ij alpha_ij ReLU(g_ij) with the usual
   closed form alpha = g^2 / (2 g^2 + sum_ij A g^3) (exponential-score approximation).
@@ -25,8 +26,8 @@ Normalisation: maps are upsampled to S x S and divided by their maximum **over t
 not per slice: a slice whose logit barely responds keeps a low map instead of being stretched to
 1, so thresholds mean the same thing on every slice and negative slices stay low.
 
-cuDNN's LSTM cannot run backward in eval mode, so the RNN modules run without cuDNN during the
-CAM forward (the convolutions keep it).
+cuDNN's LSTM cannot run backward in eval mode and oneDNN's is very slow on CPU, so the RNN modules
+run with the native kernels during the CAM forward (the convolutions keep cuDNN/oneDNN).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hemocam.labelset import LABELS, SUBTYPES
+from hemocam.batch import run_batch
+from hemocam.classifier import scan_input
+from hemocam.io import InputError, save_nifti
+from hemocam.labelset import SUBTYPES
+from hemocam.models.resnet_lstm import load_bundle
+from hemocam.preprocess import cache_paths, load_cache, to_original_grid
+from hemocam.train import amp_dtype, autocast, select_device
 
 log = logging.getLogger("hemocam")
 
@@ -61,17 +68,23 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _rnn_without_cudnn(model: nn.Module):
-    """Run RNN modules with cuDNN off (its backward refuses eval mode); no-op on CPU."""
+def _rnn_without_fused_kernels(model: nn.Module):
+    """Run RNN modules with the native implementation instead of cuDNN / oneDNN.
+
+    cuDNN's RNN backward refuses eval mode; oneDNN's RNN backward on CPU is pathologically slow
+    (measured ~0.4 s per layer and call for a tiny LSTM, vs milliseconds natively), and CAM
+    runs one backward per slice.
+    """
     handles = []
     state = {}
 
     def pre(_m, _inp):
-        state["prev"] = torch.backends.cudnn.enabled
+        state["prev"] = (torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled)
         torch.backends.cudnn.enabled = False
+        torch.backends.mkldnn.enabled = False
 
     def post(_m, _inp, _out):
-        torch.backends.cudnn.enabled = state.pop("prev", True)
+        torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = state.pop("prev", (True, True))
 
     for m in model.modules():
         if isinstance(m, nn.RNNBase):
@@ -97,7 +110,7 @@ def _forward_with_activations(model, x, layer):
 
     handle = layer.register_forward_hook(hook)
     try:
-        with torch.no_grad(), _rnn_without_cudnn(model):
+        with torch.no_grad(), _rnn_without_fused_kernels(model):
             logits = model(x)
             logits = logits.float()
             # torch.no_grad restores the grad mode on exit; the graph built inside survives
@@ -153,7 +166,7 @@ def slice_cams(
     method: str = "gradcam",
     out_size: int | None = None,
     grad_mode: str = "auto",
-    chunk: int = 16,
+    chunk: int = 32,
 ):
     """Grad-CAM of every slice of one scan.
 
@@ -167,7 +180,9 @@ def slice_cams(
         raise ValueError(f"cam.method {method!r} not in {METHODS}")
     mod = find_layer(model, layer) if isinstance(layer, str) else layer
     if grad_mode == "auto":
-        grad_mode = "batched" if x.is_cuda else "loop"
+        grad_mode = "batched"
+    if grad_mode not in ("batched", "loop"):
+        raise ValueError(f"cam.grad_mode {grad_mode!r} not in auto|batched|loop")
     was_training = model.training
     model.eval()
     try:
@@ -188,3 +203,63 @@ def slice_cams(
     finally:
         model.train(was_training)
     return maps, probs
+
+
+# ----------------------------------------------------------------------------- the stage
+DEFAULTS = {"method": "gradcam", "layer": "layer4", "label": "any", "per_subtype": False, "grad_mode": "auto",
+            "grad_chunk": 32, "amp": True}
+
+
+def cam_config(cfg_cam: dict | None) -> dict:
+    c = {**DEFAULTS, **{k: v for k, v in (cfg_cam or {}).items() if v is not None}}
+    if c["method"] not in METHODS:
+        raise ValueError(f"cam.method {c['method']!r} not in {METHODS}")
+    return c
+
+
+def cam_path(results_dir, scan_id: str, subtype: str | None = None) -> Path:
+    name = f"{scan_id}.nii.gz" if subtype is None else f"{scan_id}_{subtype}.nii.gz"
+    return Path(results_dir) / "cam" / name
+
+
+def cam_scan(scan_id: str, model, meta_b: dict, results_dir, cfg_cam: dict, device) -> dict:
+    """Write R/cam/{scan_id}.nii.gz (float32 in [0,1], NIfTI grid) and, with ``per_subtype``,
+    R/cam/{scan_id}_{subtype}.nii.gz; return manifest columns."""
+
+    c = cam_config(cfg_cam)
+    labels = list(meta_b["labels"])
+    if c["label"] not in labels:
+        raise ValueError(f"cam.label {c['label']!r} is not one of the classifier's labels {labels}")
+    cache, cmeta = load_cache(*cache_paths(results_dir, scan_id))
+    if cmeta["size"] != meta_b["size"] or cmeta["windows"] != meta_b["windows"]:
+        raise InputError(f"{cache_paths(results_dir, scan_id)[0]}: cache size/windows differ from the classifier's")
+    wanted = {None: labels.index(c["label"])}
+    if c["per_subtype"]:
+        wanted.update({s: labels.index(s) for s in SUBTYPES if s in labels})
+    x = scan_input(cache, meta_b, device)
+    with autocast(device, amp_dtype(device, c["amp"])):
+        maps, probs = slice_cams(model, x, c["layer"], sorted(set(wanted.values())), c["method"],
+                                out_size=int(cmeta["size"]), grad_mode=c["grad_mode"],
+                                chunk=int(c["grad_chunk"]))
+    affine = np.asarray(cmeta["affine"], float)
+    for subtype, li in wanted.items():
+        vol = np.clip(to_original_grid(maps[li], cmeta, order=1), 0.0, 1.0).astype(np.float32)
+        save_nifti(vol, affine, cam_path(results_dir, scan_id, subtype), dtype=np.float32)
+    main = maps[wanted[None]]
+    per_slice = main.reshape(len(main), -1).max(1)
+    return {"cam_peak_slice": int(per_slice.argmax()) if per_slice.max() > 0 else -1,
+            "p_max": round(float(probs[:, wanted[None]].max()), 6)}
+
+
+def cam_batch(bundle_path, scan_ids, results_dir, cfg_cam: dict | None, manifest_out, upstream=(), device=None):
+    """Grad-CAM for a batch of scans with the classifier loaded once (see :func:`cam_scan`)."""
+
+    dev = select_device(device)
+    model, meta_b = load_bundle(bundle_path, dev)
+    c = cam_config(cfg_cam)
+    find_layer(model, c["layer"])  # a wrong layer name fails the job once, not every scan
+    t0 = time.time()
+    fn = functools.partial(cam_scan, model=model, meta_b=meta_b, results_dir=results_dir, cfg_cam=c, device=dev)
+    df = run_batch("cam", list(scan_ids), fn, manifest_out, upstream=upstream)
+    log.info("cam: %d scans in %.1fs on %s", len(scan_ids), time.time() - t0, dev)
+    return df

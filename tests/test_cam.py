@@ -113,3 +113,36 @@ def test_batched_and_looped_gradients_agree_and_match_autograd():
 def test_cam_rejects_bad_input():
     with pytest.raises(ValueError, match="one scan"):
         cam.slice_cams(ToySequence(), torch.zeros(2, 3, 2, 8, 8))
+
+
+def test_cam_batch_through_the_real_resnet_lstm(tmp_path):
+    from hemocam.classifier import input_norm
+    from hemocam.io import load_nifti, read_tsv
+    from hemocam.labelset import LABELS, SUBTYPES
+    from hemocam.models.resnet_lstm import ResNetLSTM, save_bundle
+    from hemocam.phantom import write_nifti_cohort
+    from hemocam.preprocess import preprocess_batch
+
+    R = tmp_path / "R"
+    windows = [{"name": "brain", "center": 40, "width": 80}, {"name": "subdural", "center": 80, "width": 200}]
+    scans = write_nifti_cohort(R, 2, matrix=64, n_slices=16, seed=5)
+    ids = list(scans["scan_id"])[:1]
+    preprocess_batch(ids, R, windows, 32, R / "pre.tsv")
+    torch.manual_seed(0)
+    model = ResNetLSTM("resnet18", in_channels=2, n_labels=6, lstm_hidden=8, lstm_layers=2)
+    bundle = tmp_path / "clf.pt"
+    save_bundle(bundle, model, {"labels": list(LABELS), "windows": windows, "size": 32, "input_norm": input_norm(2)})
+    df = cam.cam_batch(bundle, ids + ["nope"], R, {"method": "gradcampp", "layer": "layer4", "label": "any",
+                                                   "per_subtype": True}, tmp_path / "cam.tsv")
+    st = df.set_index("scan_id")["status"]
+    assert (st[ids] == "ok").all() and st["nope"] == "rejected"
+    assert len(read_tsv(tmp_path / "cam.tsv")) == 2
+    for sid in ids:
+        ct, aff = load_nifti(R / "nifti" / f"{sid}.nii.gz")
+        m, aff2 = load_nifti(R / "cam" / f"{sid}.nii.gz")
+        assert m.dtype == np.float32 and m.shape == ct.shape and np.allclose(aff, aff2)
+        assert 0.0 <= m.min() and m.max() <= 1.0 and m.max() > 0.5  # scan-normalised
+        for s in SUBTYPES:
+            assert (R / "cam" / f"{sid}_{s}.nii.gz").exists()
+    with pytest.raises(ValueError, match="layer"):
+        cam.cam_batch(bundle, ids, R, {"layer": "layer7"}, tmp_path / "cam2.tsv")
