@@ -48,7 +48,7 @@ class Phantom:
         return sorted({les.subtype for les in self.lesions}, key=SUBTYPES.index)
 
 
-def _rngs(seed: int):
+def rng_streams(seed: int):
     """Independent streams so e.g. the noise never changes the anatomy."""
     ss = np.random.SeedSequence([int(seed), 0x4E3A])
     return [np.random.default_rng(s) for s in ss.spawn(4)]
@@ -76,11 +76,11 @@ def sample_phantom(seed: int, n_slices: int = 28, slice_thickness: float = 5.0, 
     """
     if strict is None:
         strict = subtypes is not None
-    r_anat, r_les, r_scan, _ = _rngs(seed)
+    r_anat, r_les, r_scan, _ = rng_streams(seed)
     if anatomy_seed is None:
         anat = sample_anatomy(r_anat)
     else:
-        anat = sample_anatomy(_rngs(anatomy_seed)[0])
+        anat = sample_anatomy(rng_streams(anatomy_seed)[0])
         repositioned = sample_anatomy(r_anat)
         anat.centre, anat.rot = repositioned.centre, repositioned.rot
     if subtypes is None:
@@ -175,7 +175,7 @@ def slice_labels_from_mask(code: np.ndarray) -> pd.DataFrame:
 
 def render_scan(phantom: Phantom, matrix: int) -> dict:
     """Render ``phantom`` on its axial grid with scanner effects; see ``make_scan``."""
-    _, _, _, r_noise = _rngs(phantom.seed)
+    _, _, _, r_noise = rng_streams(phantom.seed)
     shape = (matrix, matrix, len(phantom.slice_z))
     affine = axial_affine(phantom, matrix)
     clean, code, tissue = render_grid(phantom, affine, shape)
