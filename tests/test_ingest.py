@@ -430,6 +430,30 @@ def test_plan_is_cached_and_batches_rewritten_only_on_change(tmp_path, monkeypat
     assert len(bp) == 6 and set(bp["path"]) == set(rows["path"])
 
 
+def test_plan_sees_new_files_and_ingest_sees_in_place_fixes(tmp_path):
+    rows = write_series(tmp_path / "dicom", n=6)
+    victim = Path(rows.sort_values("z")["path"].iloc[2])
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-50])
+    cfg = cfg_for(tmp_path / "dicom", fmt="dicom")
+    first = plan_cohort(cfg, tmp_path / "r" / "ingest")
+    assert "1 truncated" in first.scans["notes"].iloc[0]
+    # a new series appears: its folder's mtime changes, the plan is rebuilt
+    write_series(tmp_path / "dicom", n=6, z0=300)
+    second = plan_cohort(cfg, tmp_path / "r" / "ingest")
+    assert len(second.scans) == 2
+    # the truncated file is replaced in place (no folder mtime change): ingest re-reads it
+    with open(victim, "r+b") as fh:
+        fh.write(good)
+    res = tmp_path / "r"
+    sid = first.scans["scan_id"].iloc[0]
+    write_batch_plans(second, {"c0000": [sid]}, res / "ingest" / "plan")
+    man = ingest_batch(res / "ingest" / "plan" / "c0000.tsv", cfg, res, res / "ingest" / "batches" / "c0000.tsv")
+    assert man["status"].iloc[0] == "ok"
+    assert "1 file(s) changed since planning" in man["notes"].iloc[0]
+    assert "dropped" not in man["notes"].iloc[0] and int(man["n_slices"].iloc[0]) == 6
+
+
 # ----------------------------------------------------------------------------- samplesheet + physionet
 
 

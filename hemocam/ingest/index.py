@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import struct
+from stat import S_ISREG
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -68,15 +69,17 @@ _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 # ----------------------------------------------------------------------------- walking
 
 
-def walk_files(roots) -> pd.DataFrame:
-    """Every regular file under ``roots`` (a path or a list): path, file_size, mtime_ns.
+def walk_tree(roots) -> tuple[pd.DataFrame, dict]:
+    """Every regular file under ``roots`` (a path or a list) and every folder's mtime.
 
-    Directory symlinks are followed once (a visited set stops loops); paths are absolute but
-    not resolved, so a symlinked archive keeps its own names.
+    Returns (files: path, file_size, mtime_ns; folders: {folder: mtime_ns}). Folder mtimes let
+    a caller tell cheaply that no file was added, removed or renamed. Directory symlinks are
+    followed once (a visited set stops loops); paths are absolute but not resolved.
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
     paths, sizes, mtimes = [], [], []
+    folders = {}
     seen_dirs = set()
     stack = []
     for root in roots:
@@ -97,6 +100,7 @@ def walk_files(roots) -> pd.DataFrame:
         if (st.st_dev, st.st_ino) in seen_dirs:
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
+        folders[folder] = st.st_mtime_ns
         try:
             entries = list(os.scandir(folder))
         except OSError as exc:
@@ -106,18 +110,38 @@ def walk_files(roots) -> pd.DataFrame:
             try:
                 if entry.is_dir():
                     stack.append(entry.path)
-                elif entry.is_file():
-                    if any(ch in entry.name for ch in "\t\r\n"):
-                        log.warning("index: skipping %r (tab or newline in the file name)", entry.path)
-                        continue
-                    st = entry.stat()
-                    paths.append(entry.path), sizes.append(st.st_size), mtimes.append(st.st_mtime_ns)
+                    continue
+                st = entry.stat()
             except OSError:  # dangling symlink, permission: not a file we can read
                 continue
-    return pd.DataFrame(
-        {"path": pd.array(paths, dtype=str), "file_size": np.array(sizes, dtype=np.int64),
-         "mtime_ns": np.array(mtimes, dtype=np.int64)}
-    )
+            if S_ISREG(st.st_mode):
+                paths.append(entry.path)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+    bad = [p for p in paths if "\t" in p or "\n" in p or "\r" in p] if paths else []
+    if bad:  # such names would break the TSV cache and batch plans
+        log.warning("index: skipping %d file(s) with a tab or newline in the name, e.g. %r", len(bad), bad[0])
+        keep = [i for i, p in enumerate(paths) if p not in set(bad)]
+        paths, sizes, mtimes = [paths[i] for i in keep], [sizes[i] for i in keep], [mtimes[i] for i in keep]
+    files = pd.DataFrame({"path": pd.array(paths, dtype=str), "file_size": np.array(sizes, dtype=np.int64),
+                          "mtime_ns": np.array(mtimes, dtype=np.int64)})
+    return files, folders
+
+
+def walk_files(roots) -> pd.DataFrame:
+    """Every regular file under ``roots``: path, file_size, mtime_ns (see ``walk_tree``)."""
+    return walk_tree(roots)[0]
+
+
+def folders_unchanged(folders: dict) -> bool:
+    """True when every folder still exists with the recorded mtime (no entry added/removed)."""
+    for folder, mtime in folders.items():
+        try:
+            if os.stat(folder).st_mtime_ns != mtime:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------- one header
@@ -348,14 +372,23 @@ def _write_cache(df: pd.DataFrame, cache: Path):
 
 def _patient_groups(df: pd.DataFrame) -> pd.Series:
     """Opaque integer per patient: rank of the patient's smallest series UID (stable order)."""
-    has = (df["series_uid"] != "") & (df["patient_key"] != "")
-    first = df.loc[has].groupby("patient_key")["series_uid"].min()
-    rank = first.rank(method="first").astype(np.int64) - 1
-    out = df["patient_key"].map(rank)
-    return out.where(has, -1).fillna(-1).astype(np.int64)
+    has = ((df["series_uid"] != "") & (df["patient_key"] != "")).to_numpy()
+    out = np.full(len(df), -1, dtype=np.int64)
+    if not has.any():
+        return pd.Series(out, index=df.index)
+    # integer codes (factorize hashes once) instead of string group-bys: fast on 870k rows
+    pcode, _ = pd.factorize(df["patient_key"].to_numpy()[has])
+    scode, _ = pd.factorize(df["series_uid"].to_numpy()[has], sort=True)  # code order = UID order
+    first = np.full(pcode.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first, pcode, scode)
+    rank = np.empty_like(first)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    out[has] = rank[pcode]
+    return pd.Series(out, index=df.index)
 
 
-def index_dicom(root, threads: int = 8, cache=None, executor: str = "auto", files=None) -> pd.DataFrame:
+def index_dicom(root, threads: int = 8, cache=None, executor: str = "auto", files=None,
+                assume_unchanged: bool = False) -> pd.DataFrame:
     """Index every file under ``root`` (a folder, a file, or a list of them).
 
     Returns one row per file with the columns of ``INDEX_COLUMNS`` (patient identifiers are
@@ -363,20 +396,34 @@ def index_dicom(root, threads: int = 8, cache=None, executor: str = "auto", file
     files whose (path, size, mtime_ns) did not change; rewritten atomically only on change.
     ``executor``: "process", "thread", "serial" or "auto" (processes once there is enough to
     read: pydicom parsing is pure Python, so threads only help while waiting for the disk).
+    ``files``: a ``walk_files`` result already made; ``assume_unchanged``: take the cache's
+    file list as the tree (the caller checked folder mtimes).
     """
     t0 = time.perf_counter()
-    files = walk_files(root) if files is None else files  # ``files``: a walk_files result already made
     cache = Path(cache) if cache else None
     secret = _secret(cache)
     old = _load_cache(cache) if cache else None
-    if old is not None:
-        merged = files.merge(old, on="path", how="left", suffixes=("", "_old"))
-        hit = (merged["file_size_old"] == merged["file_size"]) & (merged["mtime_ns_old"] == merged["mtime_ns"])
-        keep = old.set_index("path").loc[files.loc[hit.to_numpy(), "path"]].reset_index()
-        todo = files.loc[~hit.to_numpy()]
-    else:
-        keep = None
-        todo = files
+    if assume_unchanged and old is not None:
+        # the caller knows no file was added or removed (folder mtimes): the cache is the tree
+        files = old[["path", "file_size", "mtime_ns"]]
+    elif files is None:
+        files = walk_files(root)  # ``files``: a walk_files result the caller already made
+    keep = None
+    todo = files
+    if assume_unchanged and old is not None:
+        keep, todo = old, files.iloc[:0]
+    elif old is not None:
+        # position of each walked file in the cache (hash lookup, no merge of wide frames)
+        pos = pd.Index(old["path"]).get_indexer(files["path"])
+        found = pos >= 0
+        safe = np.where(found, pos, 0)
+        hit = found & (old["file_size"].to_numpy()[safe] == files["file_size"].to_numpy()) \
+            & (old["mtime_ns"].to_numpy()[safe] == files["mtime_ns"].to_numpy())
+        if hit.all() and len(old) == len(files):
+            keep = old  # nothing changed: the cache as it is, in its order
+        else:
+            keep = old.take(pos[hit])
+        todo = files.loc[~hit]
     items = list(zip(todo["path"].tolist(), todo["file_size"].tolist()))
     mtimes = dict(zip(todo["path"].tolist(), todo["mtime_ns"].tolist()))
     rows = _read_parallel(items, threads, executor)
@@ -385,12 +432,15 @@ def index_dicom(root, threads: int = 8, cache=None, executor: str = "auto", file
     fresh = _frame(rows)
     if len(fresh):
         fresh["patient_key"] = _pseudonymise(fresh["patient_key"], secret)
-    parts = [p for p in (keep, fresh) if p is not None and len(p)]
-    df = pd.concat(parts, ignore_index=True) if parts else _frame([])
-    df = df[CACHE_COLUMNS].sort_values("path", kind="stable").reset_index(drop=True)
-    changed = old is None or len(fresh) > 0 or len(old) != len(keep if keep is not None else [])
-    if cache is not None and changed:
-        _write_cache(df, cache)
+    changed = old is None or len(fresh) > 0 or len(keep) != len(old)
+    if changed:
+        parts = [p for p in (keep, fresh) if p is not None and len(p)]
+        df = pd.concat(parts, ignore_index=True) if parts else _frame([])
+        df = df[CACHE_COLUMNS].sort_values("path", kind="stable").reset_index(drop=True)
+        if cache is not None:
+            _write_cache(df, cache)
+    else:
+        df = keep.reset_index(drop=True)
     n_read = len(items)
     dt = time.perf_counter() - t0
     log.info("index: %d files (%d read, %d from cache) in %.1f s%s", len(df), n_read, len(df) - n_read, dt,

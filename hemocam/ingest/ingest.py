@@ -13,6 +13,7 @@ import pandas as pd
 
 from hemocam.batch import run_batch
 from hemocam.ingest.convert import convert_series, slice_centres_ras
+from hemocam.ingest.index import quiet_pydicom, read_header
 from hemocam.ingest.labels import (
     map_dicom_labels, read_physionet_labels, read_rsna_labels, read_sheet_labels, slice_table,
 )
@@ -71,6 +72,9 @@ def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: 
     try:
         files = rows[rows["path"] != ""]
         if len(files):  # DICOM series (rsna, dicom, samplesheet folder)
+            files, changed = refresh_changed(files)
+            if changed:
+                notes.append(f"{changed} file(s) changed since planning (headers re-read)")
             info = convert_series(files, scan_id, out["nifti"], cfg)
         elif head["image"]:  # NIfTI (physionet, samplesheet)
             info = convert_nifti(head["image"], out["nifti"], cfg, name)
@@ -113,6 +117,33 @@ def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: 
     return {"n_slices": int(shape[2]), "spacing_x": round(float(zooms[0]), 4),
             "spacing_y": round(float(zooms[1]), 4), "spacing_z": round(float(zooms[2]), 4),
             "source": head["source"], "notes": "; ".join(n for n in notes if n)}
+
+
+def refresh_changed(files: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Re-read the headers of files whose size or mtime changed since planning.
+
+    Planning trusts folder mtimes, which do not see a file rewritten in place (a truncated
+    file replaced by a good copy, say); this per-file check at conversion time does.
+    """
+    files = files.copy()
+    changed = 0
+    for i, (path, size, mtime) in enumerate(zip(files["path"], files["file_size"], files["mtime_ns"])):
+        try:
+            st = os.stat(path)
+        except OSError:
+            files.iloc[i, files.columns.get_indexer(["readable", "has_pixels"])] = [False, False]
+            changed += 1
+            continue
+        if st.st_size == int(size) and st.st_mtime_ns == int(mtime):
+            continue
+        changed += 1
+        with quiet_pydicom():
+            fresh = read_header(path, st.st_size)
+        fresh["mtime_ns"] = st.st_mtime_ns
+        for col, val in fresh.items():
+            if col in files.columns:
+                files.iat[i, files.columns.get_loc(col)] = val
+    return files, changed
 
 
 def _unlink(path):

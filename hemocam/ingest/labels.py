@@ -9,6 +9,7 @@ DICOM slice along their own slice axis.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,24 @@ def _read_label_csv(path) -> pd.DataFrame:
 
 
 def labeled_sop_keys(path) -> np.ndarray:
-    """Unique SOP keys with an ``any`` row in an RSNA label CSV (for planning)."""
+    """Unique SOP keys with an ``any`` row in an RSNA label CSV (for planning).
+
+    A scan of the file's bytes for ``_any,`` (~1 s for 4.5 M rows; splitting 4.5 M strings in
+    pandas without pyarrow takes ~15 s); falls back to pandas when nothing matches.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable label CSV ({exc})") from exc
+    keys, find, rfind = [], data.find, data.rfind
+    pos = find(b"_any,")
+    while pos != -1:
+        start = rfind(b"\n", 0, pos) + 1
+        key = data[start:pos].strip(b'"\r ')
+        keys.append(key[3:] if key.startswith(b"ID_") else key)
+        pos = find(b"_any,", pos + 5)
+    if keys:
+        return pd.unique(pd.Series([k.decode("utf-8", "replace") for k in keys], dtype=object))
     ids = _read_label_csv(path)["ID"].astype(str)
     ids = ids[ids.str.endswith("_any")].str.slice(0, -4)
     return sop_key(ids).unique()

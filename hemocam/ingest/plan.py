@@ -33,7 +33,7 @@ SCAN_COLUMNS = ["scan_id", "status", "reason", "split", "source", "n_files", "pa
                 "image", "mask", "notes"]
 # per-file columns ingestion needs (a subset of the index)
 FILE_COLUMNS = [
-    "path", "sop_uid", "readable", "has_pixels", "truncated", "instance_number",
+    "path", "file_size", "mtime_ns", "sop_uid", "readable", "has_pixels", "truncated", "instance_number",
     "iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5", "ipp_0", "ipp_1", "ipp_2",
     "pixel_spacing_row", "pixel_spacing_col", "rows", "cols", "bits_stored", "pixel_representation",
     "rescale_intercept", "rescale_slope", "pixel_padding_value", "gantry_tilt",
@@ -102,6 +102,45 @@ def _stat_sig(path) -> list:
 def _walk_digest(files: pd.DataFrame) -> str:
     h = pd.util.hash_pandas_object(files[["path", "file_size", "mtime_ns"]], index=False).to_numpy()
     return hashlib.sha256(np.sort(h).tobytes()).hexdigest()
+
+
+class _Tree:
+    """The input tree's state: cheap when the folders recorded last time are unchanged.
+
+    Adding, removing or renaming a file changes its folder's mtime, so comparing folder
+    mtimes (one stat per folder) tells whether the per-file walk (one stat per file, ~5 s per
+    870k files) is needed. A file rewritten in place is not seen here; ingestion re-checks
+    each file's size and mtime and re-reads changed headers.
+    """
+
+    def __init__(self, roots, meta, index_cache=None):
+        self.roots = sorted(os.path.abspath(os.fspath(r)) for r in roots)
+        self.index_cache = index_cache
+        self._files = None
+        if (meta and meta.get("roots") == self.roots and meta.get("folders")
+                and meta.get("index") == self._index_stat() and ix.folders_unchanged(meta["folders"])):
+            self.digest, self.folders = meta["walk"], meta["folders"]
+        else:
+            self._walk()
+
+    def _index_stat(self):
+        return _stat_sig(self.index_cache) if self.index_cache else None
+
+    def _walk(self):
+        if self.roots:
+            self._files, self.folders = ix.walk_tree(self.roots)
+        else:
+            self._files, self.folders = pd.DataFrame(columns=["path", "file_size", "mtime_ns"]), {}
+        self.digest = _walk_digest(self._files) if len(self._files) else ""
+
+    @property
+    def files(self) -> pd.DataFrame | None:
+        """The per-file walk, or None when the folders are unchanged (the index cache holds it)."""
+        return self._files
+
+    def meta(self) -> dict:
+        # the index cache's stat too: trusting it as the tree needs the very file planned from
+        return {"roots": self.roots, "folders": self.folders, "walk": self.digest, "index": self._index_stat()}
 
 
 def _listing(folder) -> list:
@@ -178,7 +217,9 @@ def assign_splits(group_keys: pd.Series, fractions: dict, seed: int, fixed: pd.S
 def _dicom_plan(cfg, fmt, roots, files_walk, cache, rows_for=None):
     """Index + classification of DICOM roots; returns (series table, index)."""
     threads = int(_cfg(cfg, "ingest", "index_threads", default=8))
-    idx = ix.index_dicom(roots, threads=threads, cache=cache, files=files_walk)
+    # files_walk None: folders unchanged since the last plan, so the cached index is the tree
+    idx = ix.index_dicom(roots, threads=threads, cache=cache, files=files_walk,
+                         assume_unchanged=files_walk is None)
     ser = classify_series(
         idx, min_slices=int(_cfg(cfg, "ingest", "min_slices", default=1)),
         scan_id=_cfg(cfg, "input", "scan_id", default="uid") or "uid",
@@ -190,7 +231,7 @@ def _dicom_plan(cfg, fmt, roots, files_walk, cache, rows_for=None):
     return ser, idx
 
 
-def _rsna_or_dicom(cfg, fmt, cache_dir):
+def _rsna_or_dicom(cfg, fmt, cache_dir, meta):
     root = _cfg(cfg, "input", "path")
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"input.path {root!r} is not a folder (format {fmt})")
@@ -200,28 +241,32 @@ def _rsna_or_dicom(cfg, fmt, cache_dir):
     if labels and fmt == "rsna" and not os.path.isfile(labels):
         raise FileNotFoundError(f"input.labels {labels!r} does not exist")
     masks = _cfg(cfg, "input", "masks", default="") or ""
-    walk = ix.walk_files(root)
-    sig_parts = {"walk": _walk_digest(walk), "labels": _stat_sig(labels) if fmt == "rsna" else None,
+    tree = _Tree([root], meta, Path(cache_dir) / "index.tsv")
+    sig_parts = {"walk": tree.digest, "labels": _stat_sig(labels) if fmt == "rsna" else None,
                  "masks": _listing(masks)}
 
     def build():
-        ser, idx = _dicom_plan(cfg, fmt, [root], walk, Path(cache_dir) / "index.tsv.gz")
+        ser, idx = _dicom_plan(cfg, fmt, [root], tree.files, Path(cache_dir) / "index.tsv")
         if fmt == "rsna":
             _reject_unlabelled(ser, idx, labels)
         scans = _series_to_scans(ser, fmt, masks)
         return scans, dict(zip(scans["scan_id"], ser["series_uid"])), idx
 
-    return sig_parts, build, str(Path(cache_dir) / "index.tsv.gz")
+    return sig_parts, build, str(Path(cache_dir) / "index.tsv"), tree
 
 
 def _reject_unlabelled(ser, idx, labels):
-    from hemocam.ingest.labels import labeled_sop_keys, sop_key
+    """RSNA scans need labels: a series none of whose SOPs has an ``any`` row is rejected."""
+    from hemocam.ingest.labels import labeled_sop_keys
 
-    keys = labeled_sop_keys(labels)
+    keys = set(labeled_sop_keys(labels))
     img = idx[idx["series_uid"] != ""]
-    has = sop_key(img["sop_uid"]).isin(set(keys))
-    n_lab = has.groupby(img["series_uid"]).sum()
-    unknown = len(keys) - int(sop_key(img["sop_uid"]).isin(set(keys)).sum())
+    # plain set lookups: pandas string ops on 870k values cost seconds without pyarrow
+    has = np.fromiter(((u[3:] if u.startswith("ID_") else u) in keys for u in img["sop_uid"].tolist()),
+                      dtype=bool, count=len(img))
+    codes, uids = pd.factorize(img["series_uid"].to_numpy())
+    n_lab = pd.Series(np.bincount(codes, weights=has, minlength=len(uids)), index=uids)
+    unknown = len(keys) - int(has.sum())
     if unknown > 0:
         log.info("labels: %d labelled SOPs of %s are not in the input tree (ignored)", unknown, labels)
     none = (ser["status"] == "ok") & (ser["series_uid"].map(n_lab).fillna(0) == 0)
@@ -240,7 +285,7 @@ def _series_to_scans(ser, fmt, masks) -> pd.DataFrame:
     return scans
 
 
-def _physionet(cfg, cache_dir):
+def _physionet(cfg, cache_dir, meta):
     root = Path(_cfg(cfg, "input", "path", default=""))
     ct = root / "ct_scans"
     if not ct.is_dir():
@@ -249,8 +294,8 @@ def _physionet(cfg, cache_dir):
     labels = _cfg(cfg, "input", "labels", default="") or str(root / "hemorrhage_diagnosis_raw_metadata.csv")
     if not os.path.isfile(labels):
         raise FileNotFoundError(f"{labels}: the PhysioNet diagnosis CSV is missing")
-    walk = ix.walk_files(root)
-    sig_parts = {"walk": _walk_digest(walk), "labels": _stat_sig(labels)}
+    tree = _Tree([root], None)  # a few hundred files: always walked
+    sig_parts = {"walk": tree.digest, "labels": _stat_sig(labels)}
 
     def build():
         from hemocam.ingest.labels import read_physionet_labels
@@ -276,7 +321,7 @@ def _physionet(cfg, cache_dir):
         scans["patient_group"] = np.arange(len(scans))  # one patient per PhysioNet scan
         return scans, {}, None
 
-    return sig_parts, build, None
+    return sig_parts, build, None, tree
 
 
 def read_samplesheet(path) -> pd.DataFrame:
@@ -321,23 +366,23 @@ def read_samplesheet(path) -> pd.DataFrame:
     return df
 
 
-def _samplesheet(cfg, cache_dir):
+def _samplesheet(cfg, cache_dir, meta):
     sheet = _cfg(cfg, "input", "path")
     df = read_samplesheet(sheet)
     labels = _cfg(cfg, "input", "labels", default="") or ""
     is_dir = df["image"].map(os.path.isdir)
     dicom_dirs = sorted(set(df.loc[is_dir, "image"]))
-    walk = ix.walk_files(dicom_dirs) if dicom_dirs else pd.DataFrame(columns=["path", "file_size", "mtime_ns"])
+    cache = Path(cache_dir) / "index.tsv"
+    tree = _Tree(dicom_dirs, meta, cache if dicom_dirs else None)
     others = [p for p in list(df.loc[~is_dir, "image"]) + list(df["mask"]) if p]
-    sig_parts = {"sheet": _stat_sig(sheet), "walk": _walk_digest(walk) if len(walk) else "",
+    sig_parts = {"sheet": _stat_sig(sheet), "walk": tree.digest,
                  "files": [_stat_sig(p) for p in others], "labels": _stat_sig(labels) if labels else None}
-    cache = Path(cache_dir) / "index.tsv.gz"
 
     def build():
         rows, series_of = [], {}
         ser = idx = None
         if dicom_dirs:
-            ser, idx = _dicom_plan(cfg, "samplesheet", dicom_dirs, walk, cache)
+            ser, idx = _dicom_plan(cfg, "samplesheet", dicom_dirs, tree.files, cache)
             ser["dir"] = idx.drop_duplicates("series_uid").set_index("series_uid")["path"].reindex(ser["series_uid"]).to_numpy()
         seen_series = {}
         for _, r in df.iterrows():
@@ -378,7 +423,7 @@ def _samplesheet(cfg, cache_dir):
         scans = pd.DataFrame(rows, columns=[*SCAN_COLUMNS, "group_key", "given_split"])
         return scans, series_of, idx
 
-    return sig_parts, build, str(cache)
+    return sig_parts, build, str(cache), tree
 
 
 # ----------------------------------------------------------------------------- plan
@@ -397,22 +442,27 @@ def plan_cohort(cfg: dict, cache_dir) -> Plan:
     """Plan the cohort of ``cfg['input']``: candidate scans, header-level rejections, splits.
 
     Cached in ``cache_dir`` (index.tsv.gz, plan.tsv, plan.json); a repeat call with nothing
-    changed costs one stat per input file.
+    changed costs one stat per input folder (per file for NIfTI cohorts and masks).
     """
     fmt = _cfg(cfg, "input", "format", default="")
     if fmt not in FORMATS:
         raise ValueError(f"input.format must be one of {FORMATS}, not {fmt!r}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if fmt in ("rsna", "dicom"):
-        parts, build, index_cache = _rsna_or_dicom(cfg, fmt, cache_dir)
-    elif fmt == "physionet":
-        parts, build, index_cache = _physionet(cfg, cache_dir)
-    else:
-        parts, build, index_cache = _samplesheet(cfg, cache_dir)
-    sig = _signature(cfg, fmt, parts)
     meta_path, scans_path = cache_dir / "plan.json", cache_dir / "plan.tsv"
-    cached = _load_plan(meta_path, scans_path, sig)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = {}
+    make = {"rsna": _rsna_or_dicom, "dicom": _rsna_or_dicom, "physionet": _physionet, "samplesheet": _samplesheet}[fmt]
+    if fmt in ("rsna", "dicom"):
+        parts, build, index_cache, tree = make(cfg, fmt, cache_dir, meta)
+    else:
+        parts, build, index_cache, tree = make(cfg, cache_dir, meta)
+    sig = _signature(cfg, fmt, parts)
+    cached = _load_plan(meta, scans_path, sig)
+    if cached is not None and index_cache and not Path(index_cache).exists() and cached[1]:
+        cached = None  # Plan.files needs the index
     if cached is not None:
         scans, series = cached
         return Plan(scans=scans, signature=sig, _series=series, _index_cache=index_cache)
@@ -432,17 +482,16 @@ def plan_cohort(cfg: dict, cache_dir) -> Plan:
     for c in ("reason", "notes", "image", "mask", "source", "split"):
         scans[c] = scans[c].fillna("").astype(str)
     out = scans[SCAN_COLUMNS].copy()
-    _save_plan(meta_path, scans_path, sig, out, series)
+    _save_plan(meta_path, scans_path, sig, out, series, tree.meta())
     n_ok = int((out["status"] == "ok").sum())
     log.info("plan: %d candidate scans, %d ok, %d rejected from headers", len(out), n_ok, len(out) - n_ok)
     return Plan(scans=out, signature=sig, _series=series, _index_cache=index_cache, _index=idx)
 
 
-def _load_plan(meta_path, scans_path, sig):
+def _load_plan(meta, scans_path, sig):
+    if meta.get("signature") != sig:
+        return None
     try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("signature") != sig:
-            return None
         scans = read_tsv(scans_path, dtype=str)
     except (OSError, ValueError):
         return None
@@ -456,12 +505,13 @@ def _load_plan(meta_path, scans_path, sig):
     return scans, series
 
 
-def _save_plan(meta_path, scans_path, sig, scans, series):
+def _save_plan(meta_path, scans_path, sig, scans, series, tree_meta):
     table = scans.copy()
     table["series_uid"] = [series.get(sid, "") for sid in table["scan_id"]]
     with atomic_path(scans_path) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
-    write_json({"signature": sig, "version": PLAN_VERSION}, meta_path)
+    # written last: a plan.json naming this signature means plan.tsv is complete
+    write_json({"signature": sig, "version": PLAN_VERSION, **tree_meta}, meta_path)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -471,7 +521,7 @@ def _render(df: pd.DataFrame) -> bytes:
     return df.to_csv(sep="\t", index=False, lineterminator="\n").encode()
 
 
-def batch_table(plan: Plan, scan_ids: list[str]) -> pd.DataFrame:
+def batch_table(plan: Plan, scan_ids: list[str], _rows_of: dict | None = None) -> pd.DataFrame:
     """The rows one ingest job needs: its scans, and for DICOM scans one row per file."""
     scans = plan.scans.set_index("scan_id").reindex(list(scan_ids))
     missing = scans.index[scans["status"].isna()].tolist()
@@ -479,7 +529,10 @@ def batch_table(plan: Plan, scan_ids: list[str]) -> pd.DataFrame:
         raise KeyError(f"scans not in the plan: {missing[:5]}")
     scans = scans.reset_index()[BATCH_SCAN_COLUMNS]
     files = plan.files
-    files = files[files["scan_id"].isin(set(scan_ids))] if len(files) else files
+    if len(files):
+        rows_of = _rows_of if _rows_of is not None else files.groupby("scan_id").indices
+        take = [rows_of[s] for s in scan_ids if s in rows_of]
+        files = files.take(np.concatenate(take)) if take else files.iloc[:0]
     out = scans.merge(files, on="scan_id", how="left") if len(files) else scans.reindex(columns=BATCH_COLUMNS)
     out = out.reindex(columns=BATCH_COLUMNS)
     return out.sort_values(["scan_id", "path"], kind="stable", na_position="first").reset_index(drop=True)
@@ -500,6 +553,7 @@ def write_batch_plans(plan: Plan, batches: dict, folder) -> list[str]:
     except (OSError, ValueError):
         digests = {}
     new_digests, written = {}, []
+    rows_of = None
     for name, ids in sorted(batches.items()):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
             raise ValueError(f"batch name {name!r} is not a safe file name")
@@ -509,7 +563,9 @@ def write_batch_plans(plan: Plan, batches: dict, folder) -> list[str]:
         if plan.signature and digests.get(name) == [digest, st[1], st[2]]:
             new_digests[name] = digests[name]
             continue
-        content = _render(batch_table(plan, ids))
+        if rows_of is None:  # positions of each scan's files, computed once for all batches
+            rows_of = plan.files.groupby("scan_id").indices if len(plan.files) else {}
+        content = _render(batch_table(plan, ids, rows_of))
         try:
             same = path.read_bytes() == content
         except OSError:
@@ -534,6 +590,10 @@ def read_batch_plan(path) -> pd.DataFrame:
         df[c] = df[c].fillna("").astype(str)
     for c in ("readable", "has_pixels", "truncated"):
         df[c] = df[c].astype(str).str.lower().isin(["true", "1"])
+    for c in ("file_size", "mtime_ns"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype(np.int64)
+    for c in ("rows", "cols", "bits_stored", "pixel_representation", "instance_number"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     return df
 
 

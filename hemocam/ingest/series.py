@@ -51,8 +51,8 @@ def slice_normals(df: pd.DataFrame) -> np.ndarray:
         return n / norm
 
 
-def _relative_dirs(paths: pd.Series, roots) -> pd.Series:
-    dirs = paths.str.rpartition("/")[0]
+def _relative_dirs(dirs: pd.Series, roots) -> pd.Series:
+    """Folders relative to the input root they lie in ('.' for the root itself)."""
     if not roots:
         return dirs
     roots = [os.path.abspath(os.fspath(r)).rstrip("/") for r in roots]
@@ -71,56 +71,74 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     Files without a SeriesInstanceUID (not DICOM, DICOMDIR, ...) belong to no series and are
     only counted in the log. ``roots``: input folders, to report ``source`` relative to them.
     """
-    img = index[(index["series_uid"] != "") & index["readable"]].copy()
+    img = index[(index["series_uid"] != "").to_numpy() & index["readable"].to_numpy()]
     n_other = len(index) - len(img)
     if n_other:
         log.info("series: %d files are not part of any image series (not DICOM, DICOMDIR, ...)", n_other)
     if img.empty:
         return pd.DataFrame(columns=SERIES_COLUMNS)
-    img["usable"] = img["has_pixels"] & ~img["truncated"]
-    img["localizer"] = img["image_type"].str.upper().str.contains("LOCALIZER", regex=False)
-    img["sc"] = img["sop_class_uid"].str.startswith(SECONDARY_CAPTURE)
-    img["frames"] = img["number_of_frames"].fillna(1).astype(np.int64).clip(lower=1)
+    # string columns become integer codes once; every aggregate below is numeric (870k rows)
+    sid, uids = pd.factorize(img["series_uid"].to_numpy(), sort=True)
+
+    def flag(col, test):
+        codes, uniq = pd.factorize(img[col].to_numpy())
+        return np.array([test(str(u)) for u in uniq], dtype=bool)[codes] if len(uniq) else np.zeros(len(img), bool)
+
+    usable = (img["has_pixels"].to_numpy() & ~img["truncated"].to_numpy())
     normals = slice_normals(img)
-    img["n_x"], img["n_y"], img["n_z"] = normals[:, 0], normals[:, 1], normals[:, 2]
-    img["pos"] = (img[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float) * normals).sum(axis=1)
-    img["src"] = _relative_dirs(img["path"], roots)
     # the same SOP instance twice (copied file): converted once
-    img["dup_sop"] = img.duplicated(["series_uid", "sop_uid"]) & img["usable"]
-
-    u = img[img["usable"] & ~img["dup_sop"]]
-    g = img.groupby("series_uid", sort=True)
-    gu = u.groupby("series_uid", sort=True)
-    s = pd.DataFrame({
-        "n_files": g.size(),
-        "mod_min": g["modality"].min(),
-        "mod_max": g["modality"].max(),
-        "sc": g["sc"].any(),
-        "localizer": g["localizer"].any(),
-        "patient_group": g["patient_group"].min(),
-        "source": g["src"].first(),
-        "n_src": g["src"].nunique(),
-        "n_dup": g["dup_sop"].sum(),
-        "n_truncated": g["truncated"].sum(),
-        "first_bad": img.loc[~img["usable"]].groupby("series_uid")["path"].min(),
-
+    dup = img.duplicated(["series_uid", "sop_uid"]).to_numpy() & usable
+    mod_codes, mod_uniq = pd.factorize(img["modality"].to_numpy())
+    f = pd.DataFrame({
+        "sid": sid, "one": 1, "usable": usable, "dup": dup,
+        "loc": flag("image_type", lambda v: "LOCALIZER" in v.upper()),
+        "sc": flag("sop_class_uid", lambda v: v.startswith(SECONDARY_CAPTURE)),
+        "non_ct": mod_uniq[mod_codes] != "CT" if len(mod_uniq) else np.zeros(len(img), bool),
+        "mod": mod_codes, "truncated": img["truncated"].to_numpy(),
+        "patient_group": img["patient_group"].to_numpy(), "row": np.arange(len(img)),
+        "frames": img["number_of_frames"].fillna(1).astype(np.int64).clip(lower=1).to_numpy(),
+        "n_z": normals[:, 2], "pos": np.round((img[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float) * normals).sum(axis=1), 2),
+        "rows": img["rows"].fillna(-1).astype(np.int64).to_numpy(), "cols": img["cols"].fillna(-1).astype(np.int64).to_numpy(),
+        "geom_missing": img[["iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5", "ipp_0", "ipp_1", "ipp_2"]].isna().any(axis=1).to_numpy(),
     })
-    s["n_usable"] = gu.size().reindex(s.index).fillna(0).astype(np.int64)
-    s["n_frames"] = gu["frames"].sum().reindex(s.index).fillna(0).astype(np.int64)
-    s["multiframe"] = gu["frames"].max().reindex(s.index).fillna(1) > 1
-    s["geom_missing"] = (
-        u[["iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5", "ipp_0", "ipp_1", "ipp_2"]]
-        .isna().any(axis=1).groupby(u["series_uid"]).any().reindex(s.index).fillna(True)
-    )
     iop_cols = ["iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5"]
+    for c in iop_cols:
+        f[c] = img[c].to_numpy(float)
+    g = f.groupby("sid", sort=True)
+    u = f[f["usable"] & ~f["dup"]]
+    gu = u.groupby("sid", sort=True)
+    idx_all = np.arange(len(uids))
+    s = pd.DataFrame({
+        "n_files": g["one"].sum(),
+        "any_non_ct": g["non_ct"].any(),
+        "sc": g["sc"].any(),
+        "localizer": g["loc"].any(),
+        "patient_group": g["patient_group"].min(),
+        "first_row": g["row"].min(),
+        "n_dup": g["dup"].sum(),
+        "n_truncated": g["truncated"].sum(),
+    }).reindex(idx_all)
+    nonct = f[f["non_ct"]].groupby("sid")["mod"].first().reindex(idx_all)
+    mod_names = np.append(np.asarray(mod_uniq, dtype=object), "")
+    s["other_modality"] = mod_names[nonct.fillna(len(mod_uniq)).astype(int).to_numpy()]
+    bad_rows = f.loc[~f["usable"]].groupby("sid")["row"].min().reindex(idx_all)
+    paths = img["path"].to_numpy()
+    s["first_bad"] = [paths[int(r)] if r == r else np.nan for r in bad_rows.to_numpy()]
+    s["n_usable"] = gu["one"].sum().reindex(idx_all).fillna(0).astype(np.int64)
+    s["n_frames"] = gu["frames"].sum().reindex(idx_all).fillna(0).astype(np.int64)
+    s["multiframe"] = gu["frames"].max().reindex(idx_all).fillna(1) > 1
+    s["geom_missing"] = gu["geom_missing"].any().reindex(idx_all).fillna(True).astype(bool)
     iop_spread = gu[iop_cols].max() - gu[iop_cols].min()
-    s["iop_mixed"] = (iop_spread.max(axis=1) > 1e-3).reindex(s.index).fillna(False)
-    nz = gu["n_z"].median().reindex(s.index)
+    s["iop_mixed"] = (iop_spread.max(axis=1) > 1e-3).reindex(idx_all).fillna(False).astype(bool)
+    nz = gu["n_z"].median().reindex(idx_all)
     s["tilt_deg"] = np.degrees(np.arccos(np.clip(nz.abs().to_numpy(float), 0, 1)))
-    s["sizes"] = (gu["rows"].nunique() + gu["cols"].nunique()).reindex(s.index).fillna(0)
+    s["sizes"] = (gu["rows"].nunique() + gu["cols"].nunique()).reindex(idx_all).fillna(0)
     # distinct slice positions (0.01 mm) along the normal; fewer than files: repeated positions
-    pos = pd.DataFrame({"series_uid": u["series_uid"], "p": np.round(u["pos"].to_numpy(float), 2)})
-    s["n_pos"] = pos.drop_duplicates().groupby("series_uid").size().reindex(s.index).fillna(0).astype(np.int64)
+    s["n_pos"] = u.drop_duplicates(["sid", "pos"]).groupby("sid").size().reindex(idx_all).fillna(0).astype(np.int64)
+    # source: the folder of the series' first file, relative to the input root
+    first_dirs = pd.Series([os.path.dirname(paths[r]) for r in s["first_row"].to_numpy()], dtype=str)
+    s["source"] = _relative_dirs(first_dirs, roots).to_numpy() if len(first_dirs) else []
+    s.index = pd.Index(np.asarray(uids, dtype=object), name="series_uid")
 
     s["n_slices"] = np.where(s["multiframe"], s["n_frames"], s["n_pos"]).astype(np.int64)
     reasons = pd.Series("", index=s.index, dtype=object)
@@ -130,8 +148,8 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
         if mask.any():
             reasons[mask] = text(s[mask]) if callable(text) else text
 
-    other = s["mod_max"].where(s["mod_max"] != "CT", s["mod_min"]).replace("", "missing")
-    reject((s["mod_min"] != "CT") | (s["mod_max"] != "CT"), lambda d: "not CT (modality " + other[d.index] + ")")
+    other = s["other_modality"].replace("", "missing")
+    reject(s["any_non_ct"], lambda d: "not CT (modality " + other[d.index] + ")")
     reject(s["sc"], "secondary capture")
     reject(s["localizer"], "localizer (ImageType LOCALIZER)")
     reject(s["n_usable"] == 0, lambda d: d["first_bad"] + ": no usable file in the series (" + d["n_files"].astype(str)
@@ -156,8 +174,6 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     for col, text in (("n_truncated", "truncated file(s)"), ("n_dup", "duplicate SOP instance file(s) ignored")):
         m = s[col] > 0
         notes[m] = notes[m] + np.where(notes[m] == "", "", "; ") + s.loc[m, col].astype(str) + " " + text
-    m = s["n_src"] > 1
-    notes[m] = notes[m] + np.where(notes[m] == "", "", "; ") + "files spread over " + s.loc[m, "n_src"].astype(str) + " folders"
 
     out = s.reset_index()
     out["status"] = np.where(reasons.to_numpy() == "", "ok", "rejected")
