@@ -171,7 +171,8 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
            lambda d: (d["n_usable"] - d["n_pos"]).astype(str) + " slice(s) repeat a position (several acquisitions in one series)")
 
     notes = pd.Series("", index=s.index, dtype=object)
-    for col, text in (("n_truncated", "truncated file(s)"), ("n_dup", "duplicate SOP instance file(s) ignored")):
+    # truncated files are noted by the conversion, which drops them
+    for col, text in (("n_dup", "duplicate SOP instance file(s) ignored"),):
         m = s[col] > 0
         notes[m] = notes[m] + np.where(notes[m] == "", "", "; ") + s.loc[m, col].astype(str) + " " + text
 
