@@ -252,6 +252,23 @@ def test_rsna_labels_follow_world_position_not_instance_number(tmp_path, caplog)
     assert np.allclose(img.header.get_zooms(), (0.8, 0.8, 2.5), atol=1e-3)
     assert_no_markers([res], MARKERS)
     assert not any(m in caplog.text for m in MARKERS)
+    assert "1 labelled SOPs of" in caplog.text  # the unknown SOP's rows, counted and ignored
+
+
+def test_hash_scan_ids(tmp_path):
+    rows = write_series(tmp_path / "dicom", n=6)
+    cfg = cfg_for(tmp_path / "dicom", fmt="dicom")
+    cfg["input"].update(scan_id="hash", scan_id_key="secret")
+    res = tmp_path / "res"
+    plan, table = run_all(cfg, res)
+    sid = table["scan_id"].iloc[0]
+    assert table["status"].iloc[0] == "ok" and len(sid) == 17 and sid.startswith("s")
+    assert (res / "nifti" / f"{sid}.nii.gz").exists()
+    uid = __import__("pydicom").dcmread(rows["path"][0], stop_before_pixels=True).SeriesInstanceUID
+    assert uid not in (res / "scans.tsv").read_text()
+    cfg["input"]["scan_id_key"] = ""
+    with pytest.raises(ValueError, match="scan_id_key"):
+        plan_cohort(cfg, tmp_path / "other")
 
 
 def test_unlabelled_series_rejected_for_rsna(tmp_path):

@@ -118,9 +118,13 @@ def run_dcm2niix(paths: list[str], workdir: Path, phi: list[str]) -> tuple[list[
     env = {**os.environ, "HOME": str(workdir)}  # no user defaults file is read or written
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=600)
     text = scrub(proc.stdout + "\n" + proc.stderr, phi)
+    where = os.path.dirname(os.path.abspath(paths[0])) if paths else "?"
     if proc.returncode != 0:
-        raise InputError(f"dcm2niix failed (exit {proc.returncode}): {text[-500:]}")
-    return sorted(dst.glob("*.nii")), text
+        raise InputError(f"{where}: dcm2niix failed (exit {proc.returncode}): {text[-500:]}")
+    outputs = sorted(dst.glob("*.nii"))
+    if not outputs:
+        raise InputError(f"{where}: dcm2niix wrote no volume: {text[-500:]}")
+    return outputs, text
 
 
 def pick_output(files: list[Path], stem: str = "vol") -> tuple[Path, str]:
