@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -29,11 +31,11 @@ def validate_samplesheet():
     try:
         samples = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
     except Exception as exc:
-        raise ValueError(f"{sheet}: cannot read the sample sheet ({exc})") from exc
+        raise WorkflowError(f"{sheet}: cannot read the sample sheet ({exc})") from None
     validate(samples, "../schemas/samples.schema.yaml")
     dupes = sorted(samples.loc[samples["scan_id"].duplicated(), "scan_id"].unique())
     if dupes:
-        raise ValueError(f"{sheet}: duplicate scan_id values: {', '.join(dupes)}")
+        raise WorkflowError(f"{sheet}: duplicate scan_id values: {', '.join(dupes)}")
 
 
 if config["input"]["format"] == "samplesheet":
@@ -77,6 +79,41 @@ def scan_plan():
         # the only checkpoint: the demo cohort does not exist before its rule runs
         checkpoints.demo_cohort.get()
     return _plan()
+
+
+def check_cohort():
+    """Plan a user cohort while parsing, so input problems stop the run with a plain message.
+
+    No candidate scan at all (an empty folder, a wrong path) is an error: there is nothing to
+    report. A cohort whose every scan is rejected is not: results/scans.tsv records why, and
+    the run ends there (exit status 0) after saying so.
+    """
+    from hemocam.io import InputError
+
+    try:
+        scans = _plan().scans
+    except (OSError, ValueError, InputError) as exc:
+        raise WorkflowError(f"hemocam: cannot plan the cohort: {exc}") from None
+    where = f"input.path {config['input']['path']} (input.format {config['input']['format']})"
+    if scans.empty:
+        raise WorkflowError(
+            f"hemocam: no candidate scans in {where}: no DICOM image series or NIfTI "
+            "scan was found there; check input.path and input.format"
+        )
+    if not (scans["status"] == "ok").any():
+        counts = scans["reason"].value_counts()
+        lines = "".join(f"\n  {n} x {reason}" for reason, n in counts.head(10).items())
+        more = (
+            f"\n  ... and {len(counts) - 10} other reasons" if len(counts) > 10 else ""
+        )
+        logger.warning(
+            f"hemocam: all {len(scans)} candidate scans in {where} are rejected:{lines}{more}\n"
+            f"Nothing to preprocess, train or segment; {R}/scans.tsv gives the reason of each scan."
+        )
+
+
+if not demo_active():
+    check_cohort()
 
 
 @functools.cache
