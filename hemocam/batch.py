@@ -33,15 +33,21 @@ def ok_scans(paths: Iterable) -> list[str]:
     return sorted(df.loc[df["status"] == "ok", "scan_id"].astype(str))
 
 
+def one_line(text) -> str:
+    """A reason on one line: library messages (nibabel's, say) carry newlines and tabs, which
+    would split a manifest or scans.tsv row for line-based readers (grep, cut, awk)."""
+    return " ".join(str(text).split())
+
+
 def _run_one(stage, fn, scan_id):
     try:
         extra = fn(scan_id) or {}
         return {"scan_id": scan_id, "status": "ok", "reason": "", **extra}
     except InputError as exc:
-        return {"scan_id": scan_id, "status": "rejected", "reason": f"{stage}: {exc}"}
+        return {"scan_id": scan_id, "status": "rejected", "reason": one_line(f"{stage}: {exc}")}
     except Exception as exc:  # one broken scan must not stop the batch
         log.error("%s failed for %s:\n%s", stage, scan_id, traceback.format_exc())
-        return {"scan_id": scan_id, "status": "rejected", "reason": f"{stage}: {type(exc).__name__}: {exc}"}
+        return {"scan_id": scan_id, "status": "rejected", "reason": one_line(f"{stage}: {type(exc).__name__}: {exc}")}
 
 
 def run_batch(
