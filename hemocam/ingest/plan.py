@@ -214,7 +214,7 @@ def assign_splits(group_keys: pd.Series, fractions: dict, seed: int, fixed: pd.S
 # ----------------------------------------------------------------------------- formats
 
 
-def _dicom_plan(cfg, fmt, roots, files_walk, cache, rows_for=None):
+def _dicom_plan(cfg, fmt, roots, files_walk, cache):
     """Index + classification of DICOM roots; returns (series table, index)."""
     threads = int(_cfg(cfg, "ingest", "index_threads", default=8))
     # files_walk None: folders unchanged since the last plan, so the cached index is the tree
