@@ -119,11 +119,12 @@ def run_dcm2niix(paths: list[str], workdir: Path, phi: list[str]) -> tuple[list[
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=600)
     text = scrub(proc.stdout + "\n" + proc.stderr, phi)
     where = os.path.dirname(os.path.abspath(paths[0])) if paths else "?"
+    tail = " | ".join(text[-500:].splitlines())  # reasons stay on one line in TSVs
     if proc.returncode != 0:
-        raise InputError(f"{where}: dcm2niix failed (exit {proc.returncode}): {text[-500:]}")
+        raise InputError(f"{where}: dcm2niix failed (exit {proc.returncode}): {tail}")
     outputs = sorted(dst.glob("*.nii"))
     if not outputs:
-        raise InputError(f"{where}: dcm2niix wrote no volume: {text[-500:]}")
+        raise InputError(f"{where}: dcm2niix wrote no volume: {tail}")
     return outputs, text
 
 
