@@ -17,6 +17,10 @@ import numpy as np
 import pandas as pd
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class InputError(Exception):
     """A problem with one input (scan, file, label row) that rejects it with a clear reason."""
 
@@ -30,6 +34,8 @@ def atomic_path(path, suffix=None):
     suffix = suffix if suffix is not None else "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    # mkstemp makes 0600 files; outputs should be readable like any file the user writes
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
