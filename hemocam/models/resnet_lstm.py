@@ -100,6 +100,9 @@ class ResNetLSTM(nn.Module):
         )
         out = lstm_hidden * (2 if bidirectional else 1)
         self.head = nn.Linear(out + feat, n_labels)
+        # per-slice head on the CNN feature alone: deep supervision during training (the
+        # encoder gets a direct, un-mixed gradient per slice); not used for predictions
+        self.aux_head = nn.Linear(feat, n_labels)
 
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, F) pooled ResNet features."""
@@ -127,8 +130,11 @@ class ResNetLSTM(nn.Module):
         y = torch.cat([self.drop(y), x], dim=-1)
         return self.head(y)
 
-    def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
-        """x: (B, T, C, H, W) scans (padded to T); lengths: real slice counts (B,) or None."""
+    def forward(self, x: torch.Tensor, lengths=None, return_aux: bool = False):
+        """x: (B, T, C, H, W) scans (padded to T); lengths: real slice counts (B,) or None.
+
+        Returns logits (B, T, n_labels); with ``return_aux`` also the per-slice CNN-only logits.
+        """
         if x.ndim != 5:
             raise ValueError(f"expected (B, T, C, H, W), got shape {tuple(x.shape)}")
         B, T = x.shape[:2]
@@ -142,7 +148,11 @@ class ResNetLSTM(nn.Module):
             f = self.encode(flat[valid])
             feats = f.new_zeros(B * T, f.shape[-1])
             feats[valid] = f
-        return self.sequence(feats.reshape(B, T, -1), lengths)
+        feats = feats.reshape(B, T, -1)
+        logits = self.sequence(feats, lengths)
+        if return_aux:
+            return logits, self.aux_head(self.drop(feats.float()))
+        return logits
 
 
 # ----------------------------------------------------------------------------- bundles

@@ -1,0 +1,120 @@
+"""Classifier: metrics by hand, data/augmentation, end-to-end training and prediction."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hemocam.classifier import (ScanDataset, augment, auc, average_ranks, collate_scans, label_weights,
+                                predict_batch, slice_metrics, train_classifier, weighted_log_loss)
+from hemocam.io import read_tsv
+from hemocam.labelset import LABELS
+from hemocam.models.resnet_lstm import load_bundle
+from hemocam.phantom.cohort import write_nifti_cohort
+from hemocam.preprocess import preprocess_batch
+
+WINDOWS = [{"name": "brain", "center": 40, "width": 80}, {"name": "subdural", "center": 80, "width": 200},
+           {"name": "soft", "center": 40, "width": 380}]
+
+
+def test_auc_by_hand():
+    assert auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)  # ties count half
+    assert auc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0
+    assert np.isnan(auc([0, 0], [0.1, 0.2]))
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    # against the pairwise definition on random data with ties
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = rng.integers(0, 10, 200).astype(float)
+    pos, neg = s[y == 1], s[y == 0]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auc(y, s) == pytest.approx(pairwise)
+
+
+def test_weighted_log_loss_by_hand():
+    w = label_weights(LABELS)
+    assert w[0] == pytest.approx(2 / 7) and w[1:] == pytest.approx([1 / 7] * 5)
+    y = np.zeros((2, 6))
+    y[0, 0] = 1
+    p = np.full((2, 6), 0.5)
+    assert weighted_log_loss(y, p, LABELS) == pytest.approx(np.log(2))
+    p[0, 0] = 0.9  # only 'any' of slice 0 improves: -log(0.9) instead of log 2 for that entry
+    expect = (2 / 7) * (-np.log(0.9) + np.log(2)) / 2 + (5 / 7) * np.log(2)
+    assert weighted_log_loss(y, p, LABELS) == pytest.approx(expect)
+    t = slice_metrics(y, p, LABELS)
+    assert list(t["label"]) == [*LABELS, "weighted"]
+    assert t.iloc[-1]["logloss"] == pytest.approx(expect)
+
+
+def test_augment_shared_across_slices_and_seeded():
+    x = torch.zeros(2, 3, 1, 16, 16)
+    x[:, :, :, 4:8, 2:6] = 1.0  # same square on every slice
+    params = {"flip": 1.0, "rotate_deg": 0.0, "scale": 0.0, "shift": 0.0, "contrast": 0.0, "brightness": 0.0,
+              "noise": 0.0}
+    out = augment(x, [1, 2], params)
+    assert torch.allclose(out[:, :, :, :, ::-1] if False else out.flip(-1), x, atol=1e-6)  # pure L-R mirror
+    params = {"flip": 0.5, "rotate_deg": 20.0, "scale": 0.1, "shift": 0.1, "contrast": 0.1, "brightness": 0.05,
+              "noise": 0.02}
+    a, b = augment(x, [5, 6], params), augment(x, [5, 6], params)
+    assert torch.equal(a, b)  # same seeds, same result
+    assert not torch.equal(a, augment(x, [7, 6], params))
+    # one geometric draw per scan: without noise the slices of a scan stay identical
+    params["noise"] = 0.0
+    c = augment(x, [9, 10], params)
+    assert torch.allclose(c[:, 0], c[:, 1]) and torch.allclose(c[:, 0], c[:, 2])
+    assert c.min() >= 0 and c.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    r = tmp_path_factory.mktemp("R")
+    scans = write_nifti_cohort(r, 6, matrix=48, n_slices=10, seed=3)
+    preprocess_batch(list(scans["scan_id"]), r, WINDOWS, 32, r / "pre.tsv")
+    return r, scans
+
+
+def test_dataset_and_collate(cohort):
+    r, scans = cohort
+    ids = list(scans["scan_id"])[:3]
+    ds = ScanDataset(r, ids, LABELS, window=4, train=True)
+    assert len(ds) == 3 * 3  # ceil(10 / 4) runs per scan
+    s1, s2 = ds[(0, 123)], ds[(0, 123)]
+    assert s1["x"].shape == (4, 3, 32, 32) and s1["x"].dtype == torch.uint8 and s1["start"] == s2["start"]
+    full = ScanDataset(r, ids, LABELS)
+    lab = read_tsv(r / "labels" / f"{ids[0]}.tsv")
+    assert np.array_equal(full[0]["y"].numpy(), lab[list(LABELS)].to_numpy())
+    b = collate_scans([ds[(0, 1)], full[1]])
+    assert b["x"].shape == (2, 10, 3, 32, 32) and b["lengths"].tolist() == [4, 10]
+    assert b["x"][0, 4:].sum() == 0
+
+
+def test_train_and_predict_end_to_end(cohort, tmp_path):
+    r, scans = cohort
+    cfg = {"seed": 1, "preprocess": {"size": 32, "windows": WINDOWS},
+           "classifier": {"arch": "resnet18", "labels": list(LABELS), "lstm_hidden": 8, "lstm_layers": 1,
+                          "epochs": 2, "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-4, "patience": 3,
+                          "num_workers": 0, "amp": True, "window": 0}}
+    out = {k: tmp_path / f"{k}" for k in ("model.pt", "history.tsv", "metrics.tsv")}
+    train_classifier(cfg, r / "scans.tsv", r, out["model.pt"], out["history.tsv"], out["metrics.tsv"])
+    hist = read_tsv(out["history.tsv"])
+    assert hist["epoch"].tolist() == [1, 2]
+    assert {"train_loss", "val_score", "val_logloss", "val_auc_any", "seconds"} <= set(hist.columns)
+    metrics = read_tsv(out["metrics.tsv"])
+    assert list(metrics["label"]) == [*LABELS, "weighted"] and set(metrics["split"]) == {"test"}
+    assert metrics["n"].iloc[0] == 10 * (scans["split"] == "test").sum()
+    assert (r / "classifier" / "checkpoints" / "last.pt").exists()
+    model, meta = load_bundle(out["model.pt"])
+    assert meta["labels"] == list(LABELS) and meta["size"] == 32 and meta["windows"] == WINDOWS
+    assert meta["best_epoch"] in (1, 2) and meta["seed"] == 1 and "torch" in meta["versions"]
+    assert model.config["arch"] == "resnet18"
+
+    ids = list(scans["scan_id"]) + ["missing-scan"]
+    man = predict_batch(out["model.pt"], ids, r, tmp_path / "classify.tsv", device="cpu")
+    assert man.set_index("scan_id").loc["missing-scan", "status"] == "rejected"
+    assert (man["status"] == "ok").sum() == len(scans)
+    sl = read_tsv(r / "classifier" / "slices" / f"{scans['scan_id'][0]}.tsv")
+    assert list(sl.columns) == ["slice", *LABELS] and len(sl) == 10
+    assert sl[list(LABELS)].to_numpy().min() >= 0 and sl[list(LABELS)].to_numpy().max() <= 1
