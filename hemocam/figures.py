@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from nibabel.orientations import io_orientation
 
 from hemocam.batch import read_manifests, run_batch
-from hemocam.io import atomic_path, load_nifti, read_tsv, write_tsv
+from hemocam.io import atomic_path, load_nifti, read_tsv
 
 log = logging.getLogger("hemocam")
 
