@@ -35,13 +35,22 @@ def sha256(path) -> str:
 
 
 def checksums(root, patterns=("nifti/*", "labels/*", "masks/*")) -> dict:
-    """{relative path: sha256} of the files matching ``patterns`` under ``root``."""
+    """{relative path: sha256} of the files matching ``patterns`` under ``root``; '.'-prefixed
+    names (temporary files of writes that were killed) are not outputs and are left out."""
     root = Path(root)
-    return {str(p.relative_to(root)): sha256(p) for pat in patterns for p in sorted(root.glob(pat)) if p.is_file()}
+    return {str(p.relative_to(root)): sha256(p) for pat in patterns for p in sorted(root.glob(pat))
+            if p.is_file() and not p.name.startswith(".")}
 
 
 def read_scans(results) -> pd.DataFrame:
     return pd.read_csv(Path(results) / "scans.tsv", sep="\t", dtype=str, keep_default_na=False)
+
+
+def stage_command(stage, results, seed=7, epochs=3) -> list[str]:
+    """The command running one stage of ``_main`` in a fresh interpreter."""
+    import sys
+
+    return [sys.executable, str(Path(__file__).resolve()), stage, str(results), str(seed), str(epochs)]
 
 
 def tree_state(root) -> dict:
@@ -330,3 +339,98 @@ def snakemake(workdir, overlay: dict | None = None, *targets, check=True, extra=
     proc = run_snakemake(workdir, *extra, "--", *targets, configfiles=files, check=check, timeout=timeout)
     proc.out = proc.stdout + proc.stderr
     return proc
+
+
+# ----------------------------------------------------------------------------- the stages in-process
+
+WINDOWS = [{"name": "brain", "center": 40, "width": 80}, {"name": "subdural", "center": 80, "width": 200},
+           {"name": "soft", "center": 40, "width": 380}]
+
+
+def tiny_config(seed=7, epochs=2, seg_epochs=2) -> dict:
+    """Stage configs small enough for a CPU test (a ResNet-18 on 32 x 32 slices)."""
+    return {
+        "seed": seed,
+        "preprocess": {"size": 32, "windows": WINDOWS},
+        "classifier": {"arch": "resnet18", "pretrained": "", "lstm_hidden": 16, "lstm_layers": 1, "epochs": epochs,
+                       "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-4, "patience": 10, "num_workers": 0,
+                       "amp": False},
+        # layer4 is 1 x 1 on 32 x 32 slices (a flat CAM); layer2 is 4 x 4
+        "cam": {"method": "gradcam", "layer": "layer2", "label": "any", "per_subtype": False},
+        # a low CAM threshold and no clustering: pseudo-masks that are not empty after 2 epochs
+        "pseudomask": {"cam_threshold": 0.2, "hu_min": 45, "hu_max": 95, "refine": "none",
+                       "min_component_voxels": 2, "prob_threshold": 0.5},
+        "segmenter": {"encoder": "plain", "base_channels": 8, "context_slices": 1, "epochs": seg_epochs,
+                      "batch_size": 8, "lr": 1e-3, "patience": 10, "num_workers": 0, "amp": False,
+                      "samples_per_epoch": 16},
+    }
+
+
+def tiny_cohort(results, n_scans=4, matrix=48, n_slices=10, seed=12) -> list[str]:
+    """An already-ingested cohort (R/nifti, labels, masks, scans.tsv) and its preprocess cache."""
+    from hemocam.phantom import write_nifti_cohort
+    from hemocam.preprocess import preprocess_batch
+
+    results = Path(results)
+    scans = write_nifti_cohort(results, n_scans, matrix=matrix, n_slices=n_slices, seed=seed)
+    ids = sorted(scans["scan_id"])
+    preprocess_batch(ids, results, WINDOWS, 32, results / "preprocess" / "batches" / "c0000.tsv")
+    return ids
+
+
+def train_classifier_stage(results, cfg):
+    from hemocam.classifier import train_classifier
+
+    r = Path(results)
+    return train_classifier(cfg, r / "scans.tsv", r, r / "classifier" / "model.pt", r / "classifier" / "history.tsv",
+                            r / "classifier" / "metrics.tsv", device="cpu")
+
+
+def downstream_stages(results, cfg, ids):
+    """CAM -> pseudo-mask -> segmenter training -> segmentation (what follows the classifier)."""
+    from hemocam.cam import cam_batch
+    from hemocam.pseudomask import pseudomask_batch
+    from hemocam.segmenter import segment_batch, train_segmenter
+
+    r = Path(results)
+    pre = [r / "preprocess" / "batches" / "c0000.tsv"]
+    cam_batch(r / "classifier" / "model.pt", ids, r, cfg["cam"], r / "cam" / "batches" / "g0000.tsv", upstream=pre,
+              device="cpu")
+    pseudomask_batch(ids, r, cfg["pseudomask"], True, r / "pseudomask" / "batches" / "g0000.tsv",
+                     upstream=[r / "cam" / "batches" / "g0000.tsv"])
+    train_segmenter(cfg, r / "scans.tsv", r, "pseudomask", r / "segmenter" / "model.pt", r / "segmenter" / "history.tsv",
+                    device="cpu")
+    segment_batch(r / "segmenter" / "model.pt", ids, r, r / "segmentation", r / "segmentation" / "batches" / "g0000.tsv",
+                  upstream=pre, device="cpu")
+
+
+def _main(argv):
+    """``python tests/badinput.py STAGE RESULTS [SEED EPOCHS]``: a stage in a fresh process."""
+    import json
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    stage, results = argv[0], Path(argv[1])
+    seed, epochs = (int(argv[2]), int(argv[3])) if len(argv) > 3 else (7, 2)
+    cfg = tiny_config(seed, epochs)
+    if stage == "cohort":
+        print(json.dumps(tiny_cohort(results)))
+    elif stage == "classifier":  # on the cohort made by an earlier call, or a new one
+        if not (results / "preprocess" / "batches" / "c0000.tsv").exists():
+            tiny_cohort(results)
+        train_classifier_stage(results, cfg)
+    elif stage == "downstream":
+        downstream_stages(results, cfg, sorted(read_scans(results)["scan_id"]))
+    elif stage == "pipeline":  # everything from scratch: cohort, classifier, CAM ... segmentation
+        ids = tiny_cohort(results)
+        train_classifier_stage(results, cfg)
+        downstream_stages(results, cfg, ids)
+    else:
+        raise SystemExit(f"unknown stage {stage}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
