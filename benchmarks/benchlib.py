@@ -307,20 +307,70 @@ def generated_cohort(n_scans: int, matrix: int, n_slices: int, seed: int, quirks
     return d
 
 
-def shipped_config() -> dict:
-    """config/config.yaml (PyYAML when present; the GPU machine may lack it: then a minimal reader
-    of the two batching keys, which is all the benchmarks need from it there)."""
-    path = ROOT / "config" / "config.yaml"
+def _scalar(v: str):
+    v = v.strip()
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _mini_yaml(text: str) -> dict:
+    """Just enough YAML for config/config.yaml (two levels of mappings, inline lists, lists of
+    inline mappings), for machines without PyYAML."""
+    out: dict = {}
+    section = key = None
+    for raw in text.splitlines():
+        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = line.strip()
+        if body.startswith("- "):
+            item = body[2:].strip()
+            if item.startswith("{"):
+                item = {k.strip(): _scalar(v) for k, v in (kv.split(":", 1) for kv in item.strip("{}").split(","))}
+            else:
+                item = _scalar(item)
+            out[section].setdefault(key, [])
+            if not isinstance(out[section][key], list):
+                out[section][key] = []
+            out[section][key].append(item)
+            continue
+        k, _, v = body.partition(":")
+        v = v.strip()
+        val = [_scalar(x) for x in v.strip("[]").split(",") if x.strip()] if v.startswith("[") else (
+            _scalar(v) if v else {})
+        if indent == 0:
+            section = k
+            out[k] = val
+        else:
+            key = k
+            out[section][k] = val
+    return out
+
+
+def shipped_config(preset: str | None = None) -> dict:
+    """config/config.yaml, with a preset (e.g. config/presets/cpu-small.yaml) merged over it."""
+    paths = [ROOT / "config" / "config.yaml"] + ([ROOT / preset] if preset else [])
     try:
         import yaml
 
-        return yaml.safe_load(path.read_text())
-    except ImportError:
-        cfg, section = {"batching": {}}, None
-        for line in path.read_text().splitlines():
-            if line and not line.startswith(" "):
-                section = line.split(":")[0]
-            elif section == "batching" and ":" in line:
-                k, v = line.strip().split(":", 1)
-                cfg["batching"][k] = int(v.split("#")[0].strip())
-        return cfg
+        load = yaml.safe_load
+    except ImportError:  # the GPU machine may lack PyYAML
+        load = _mini_yaml
+    cfg: dict = {}
+    for p in paths:
+        for k, v in (load(Path(p).read_text()) or {}).items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k].update(v)
+            else:
+                cfg[k] = v
+    return cfg
