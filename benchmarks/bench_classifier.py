@@ -76,7 +76,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     ap.add_argument("--steps", type=int, default=6, help="timed training steps per measurement")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="untimed steps first (worker start-up, cudnn.benchmark tuning of the few batch shapes)")
     ap.add_argument("--batch-size", type=int, default=4, help="scans per step")
     ap.add_argument("--slices", type=int, default=28)
     ap.add_argument("--window", type=int, default=0)

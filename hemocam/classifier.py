@@ -9,7 +9,9 @@
 - loss: the RSNA weighted BCE (``any`` weight 2, subtypes 1) with ``pos_weight`` from the training
   label frequencies; optional oversampling of positive scans;
 - validation: per-label AUC (rank formula, ties averaged) and the RSNA weighted log loss; early
-  stopping on ``classifier.monitor`` (``logloss`` default, or ``auc_any``).
+  stopping on ``classifier.monitor``: ``auc_any`` (default; the teacher must rank slices, and with
+  ``pos_weight`` the probabilities are deliberately not calibrated, so log loss picked epochs far
+  too early in our runs) or ``logloss``.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ AUG_DEFAULTS = {"flip": 0.5, "rotate_deg": 15.0, "scale": 0.1, "shift": 0.06, "c
                 "brightness": 0.05, "noise": 0.02}
 DEFAULTS = {"arch": "resnet34", "pretrained": "", "labels": list(LABELS), "lstm_hidden": 256, "lstm_layers": 2,
             "window": 0, "epochs": 30, "batch_size": 4, "lr": 3e-4, "weight_decay": 1e-4, "patience": 6,
-            "num_workers": 8, "amp": True, "dropout": 0.3, "monitor": "logloss", "pos_weight": "sqrt",
-            "oversample_positive": 1.0, "tta": True, "aux_weight": 0.5, "augment": AUG_DEFAULTS}
+            "num_workers": 8, "amp": True, "dropout": 0.3, "monitor": "auc_any", "pos_weight": "sqrt",
+            "oversample_positive": 1.0, "tta": True, "aux_weight": 0.5,
+            "slice_epochs": 0, "slice_batch_size": 32, "augment": AUG_DEFAULTS}
 
 
 def classifier_config(cfg: dict) -> dict:
@@ -175,10 +178,10 @@ class ScanDataset(Dataset):
             self.y.append(read_slice_labels(self.results_dir / "labels" / f"{sid}.tsv", arr.shape[0], self.labels)
                           if with_labels else np.zeros((arr.shape[0], len(self.labels)), np.float32))
         # training on windows: enough runs per scan to cover it about once per epoch
-        self.items = []
+        self.items = []  # (scan, run): run r of a scan starts near r * window
         for i, n in enumerate(self.n_slices):
             reps = max(1, math.ceil(n / self.window)) if (self.train and self.window > 0) else 1
-            self.items.extend([i] * reps)
+            self.items.extend((i, r) for r in range(reps))
         self._arrays: dict[int, np.ndarray] = {}
 
     def __len__(self):
@@ -191,15 +194,17 @@ class ScanDataset(Dataset):
 
     def positive_scans(self) -> np.ndarray:
         """Per item: does its scan contain any positive slice (for oversampling)."""
-        return np.array([bool(self.y[i].any()) for i in self.items])
+        return np.array([bool(self.y[i].any()) for i, _ in self.items])
 
     def __getitem__(self, item):
         idx, seed = item if isinstance(item, tuple) else (item, 0)
-        i = self.items[idx]
+        i, r = self.items[idx]
         n = self.n_slices[i]
         start, stop = 0, n
         if self.train and 0 < self.window < n:
-            start = int(np.random.default_rng(seed).integers(0, n - self.window + 1))
+            # runs tile the scan once per epoch, each shifted by a random offset
+            jitter = int(np.random.default_rng(seed).integers(0, self.window))
+            start = min(r * self.window + jitter, n - self.window)
             stop = start + self.window
         x = torch.from_numpy(np.array(self.array(i)[start:stop]))  # a writable copy out of the memmap
         return {"x": x, "y": torch.from_numpy(self.y[i][start:stop]), "seed": int(seed), "index": i, "start": start}
@@ -245,8 +250,9 @@ def augment(x: torch.Tensor, seeds, params: dict) -> torch.Tensor:
     out = F.grid_sample(flat, grid.to(flat.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     out = out.reshape(B, T, C, H, W) * gain.to(dev).view(B, 1, 1, 1, 1) + bias.to(dev).view(B, 1, 1, 1, 1)
     if params["noise"] > 0:
-        noise = torch.stack([torch.randn((T, C, H, W), generator=torch.Generator().manual_seed(s)) for s in noise_seeds])
-        out = out + params["noise"] * noise.to(dev, out.dtype)
+        # drawn on the device (a CPU draw + copy of the whole batch would dominate a GPU step)
+        g = torch.Generator(device=dev).manual_seed(noise_seeds[0] ^ (B * 1_000_003))
+        out = out + params["noise"] * torch.randn(out.shape, generator=g, device=dev, dtype=out.dtype)
     return out.clamp_(0.0, 1.0)
 
 
@@ -295,7 +301,11 @@ def evaluate(model, loader, device, labels, norm, monitor="logloss", tta=False, 
     a = table.set_index("label")["auc"]
     metrics = {"val_logloss": float(table.iloc[-1]["logloss"]), "val_auc_any": float(a.get("any", np.nan)),
                "val_auc_mean": float(table.iloc[-1]["auc"])}
-    score = metrics["val_auc_any"] if monitor == "auc_any" else metrics["val_logloss"]
+    if monitor == "auc_any":
+        # ties (AUC saturates on small validation sets) go to the better log loss
+        score = metrics["val_auc_any"] - 1e-3 * metrics["val_logloss"]
+    else:
+        score = metrics["val_logloss"]
     return score, metrics, table
 
 
@@ -359,13 +369,6 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
     n_channels = len(ref["windows"])
     norm = input_norm(n_channels)
 
-    train_ds = ScanDataset(results_dir, splits["train"], labels, window=c["window"], train=True)
-    weights = None
-    if float(c["oversample_positive"]) != 1.0:
-        weights = np.where(train_ds.positive_scans(), float(c["oversample_positive"]), 1.0)
-    sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed, weights=weights)
-    train_loader = make_loader(train_ds, c["batch_size"], True, c["num_workers"], seed, device,
-                               collate_fn=collate_scans, sampler=sampler)
     eval_bs = max(1, int(c["batch_size"]))
 
     def eval_loader(ids):
@@ -374,6 +377,15 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         ds = ScanDataset(results_dir, ids, labels, window=0, train=False)
         return make_loader(ds, eval_bs, False, min(2, int(c["num_workers"])), seed, device, collate_fn=collate_scans)
 
+    def train_loader(window, batch_size):
+        ds = ScanDataset(results_dir, splits["train"], labels, window=window, train=True)
+        weights = None
+        if float(c["oversample_positive"]) != 1.0:
+            weights = np.where(ds.positive_scans(), float(c["oversample_positive"]), 1.0)
+        sampler = EpochSampler(len(ds), shuffle=True, seed=seed, weights=weights)
+        return make_loader(ds, batch_size, True, c["num_workers"], seed, device, collate_fn=collate_scans,
+                           sampler=sampler)
+
     val_loader = eval_loader(splits["val"])
     if val_loader is None:
         log.warning("classifier: no validation scans: training for all epochs, keeping the last")
@@ -381,7 +393,9 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
     model = ResNetLSTM(c["arch"], in_channels=n_channels, n_labels=len(labels), lstm_hidden=c["lstm_hidden"],
                        lstm_layers=c["lstm_layers"], dropout=c["dropout"], pretrained=c["pretrained"] or None)
     lw = torch.tensor(label_weights(labels), dtype=torch.float32, device=device)
-    pw = pos_weights(train_ds.y, c["pos_weight"])
+    train_y = [read_slice_labels(results_dir / "labels" / f"{sid}.tsv", load_cache(*cache_paths(results_dir, sid))[0].shape[0], labels)
+               for sid in splits["train"]]
+    pw = pos_weights(train_y, c["pos_weight"])
     pw_t = None if pw is None else torch.tensor(pw, dtype=torch.float32, device=device)
     if pw is not None:
         log.info("classifier: pos_weight %s", dict(zip(labels, np.round(pw, 2).tolist())))
@@ -406,13 +420,25 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         score, metrics, _ = evaluate(model, loader, device, labels, norm, monitor, tta=False, dtype=dtype)
         return score, metrics
 
-    ckpt_dir = results_dir / "classifier" / "checkpoints"
-    result = fit(model, train_loader, val_loader, loss_fn=loss_fn, evaluate_fn=evaluate_fn if val_loader else None,
-                 ckpt_dir=ckpt_dir, epochs=int(c["epochs"]), lr=float(c["lr"]), weight_decay=float(c["weight_decay"]),
-                 patience=int(c["patience"]), amp=c["amp"], seed=seed, device=device,
-                 higher_is_better=(monitor == "auc_any"))
-
-    history = pd.DataFrame(result["history"])
+    # stage "slices" (optional): the CNN learns from shuffled single slices (many small, diverse
+    # batches: the RSNA winners' first stage); stage "scans": the whole model on scans/windows.
+    stages = []
+    if int(c["slice_epochs"]) > 0:
+        stages.append(("slices", 1, int(c["slice_batch_size"]), int(c["slice_epochs"])))
+    stages.append(("scans", int(c["window"]), int(c["batch_size"]), int(c["epochs"])))
+    ckpt_root = results_dir / "classifier" / "checkpoints"
+    histories = []
+    for name, window, batch_size, epochs in stages:
+        ckpt_dir = ckpt_root / name if len(stages) > 1 else ckpt_root
+        log.info("classifier stage %s: window=%s batch=%d epochs=%d", name, window or "scan", batch_size, epochs)
+        result = fit(model, train_loader(window, batch_size), val_loader, loss_fn=loss_fn,
+                     evaluate_fn=evaluate_fn if val_loader else None, ckpt_dir=ckpt_dir, epochs=epochs,
+                     lr=float(c["lr"]), weight_decay=float(c["weight_decay"]), patience=int(c["patience"]),
+                     amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"))
+        h = pd.DataFrame(result["history"])
+        h.insert(0, "stage", name)
+        histories.append(h)
+    history = pd.concat(histories, ignore_index=True)
     write_tsv(history, history_out)
 
     eval_split = "test" if splits["test"] else ("val" if splits["val"] else "train")

@@ -185,7 +185,7 @@ def _read_hu(nifti_path) -> tuple[np.ndarray, np.ndarray, tuple]:
 
 
 def preprocess_scan(nifti_path, brainmask_out, cache_out, meta_out, windows, size: int,
-                    skull_strip: bool = True, margin_mm: float = 10.0) -> dict:
+                    skull_strip: bool = True, margin_mm: float = 10.0, strip_hu_max: float | None = 130.0) -> dict:
     """Brain mask (NIfTI grid), cache (Z, C, S, S) uint8 .npy and its meta JSON for one scan.
 
     ``skull_strip``: HU outside the brain mask are set to air before windowing, so scalp and skull
@@ -198,14 +198,23 @@ def preprocess_scan(nifti_path, brainmask_out, cache_out, meta_out, windows, siz
     if not mask.any():
         raise InputError(f"{nifti_path}: no intracranial region found (not a head CT, or HU not calibrated?)")
     meta = compute_geometry(mask, affine, spacing, size, margin_mm)
-    src = np.where(mask > 0, hu, np.int16(AIR_HU)) if skull_strip else hu
+    if skull_strip:
+        keep = mask > 0
+        if strip_hu_max is not None:
+            # the mask keeps the inner table's partial-volume rim (for the bleeds' sake); in the
+            # image it would draw a bright outline on every slice, hiding the thin bright
+            # crescent a subdural adds there. Above blood density -> air: bleeds stand out.
+            keep &= hu <= strip_hu_max
+        src = np.where(keep, hu, np.int16(AIR_HU))
+    else:
+        src = hu
     chans = apply_windows(src, windows, axis=-1)  # (X, Y, Z, C) uint8
     cache = from_original_grid(chans, meta, order=1, channel_axis=3)  # (Z, C, S, S) float
     cache = np.clip(np.rint(cache), 0, 255).astype(np.uint8)
     meta.update(
         version=META_VERSION, affine=np.asarray(affine, float).tolist(), spacing=list(spacing),
         windows=windows, channels=[w.get("name", f"w{i}") for i, w in enumerate(windows)],
-        skull_strip=bool(skull_strip), margin_mm=float(margin_mm), n_slices=int(hu.shape[2]),
+        skull_strip=bool(skull_strip), strip_hu_max=strip_hu_max, margin_mm=float(margin_mm), n_slices=int(hu.shape[2]),
         source=Path(nifti_path).name,
     )
     save_nifti(mask, affine, brainmask_out, dtype=np.uint8)

@@ -400,10 +400,10 @@ def fit(
             finally:
                 bar.close()
             if sigterm.hit:
-                raise TrainingInterrupted(
-                    f"interrupted by SIGTERM during epoch {epoch}; resume continues after epoch {epoch - 1} "
-                    f"from {last_path}"
-                )
+                msg = (f"interrupted by SIGTERM during epoch {epoch}; a rerun resumes after epoch {epoch - 1} "
+                       f"from {last_path}")
+                log.error(msg)
+                raise TrainingInterrupted(msg)
             train_loss = total_loss / max(1, n_batches)
             metrics: dict = {}
             if validate:
@@ -414,7 +414,9 @@ def fit(
             else:
                 score = -train_loss
             if sigterm.hit:
-                raise TrainingInterrupted(f"interrupted by SIGTERM while validating epoch {epoch}")
+                msg = f"interrupted by SIGTERM while validating epoch {epoch}; a rerun repeats it"
+                log.error(msg)
+                raise TrainingInterrupted(msg)
             improved = math.isfinite(score) and (best_score is None or sign * score > sign * best_score)
             if improved:
                 best_score, best_epoch, bad_epochs = score, epoch, 0

@@ -45,6 +45,11 @@ def test_outputs_and_shapes(tmp_path, scan):
     inside_any = from_original_grid(np.asanyarray(img.dataobj), meta, order=1) > 0
     assert arr[:, 0][(outside > 0) & ~inside_any].max() == 0
     assert arr[:, 0][inside_any].mean() > 50
+    # and inside it, nothing denser than blood (the inner-table rim would outline every slice)
+    (_, c2, _), _ = _run(tmp_path, scan["hu"], scan["affine"], "nostrip", skull_strip=False)
+    (_, c3, _), _ = _run(tmp_path, scan["hu"], scan["affine"], "rim", strip_hu_max=None)
+    full, rim = np.load(c2), np.load(c3)
+    assert (full[:, 2] == 255).sum() > (rim[:, 2] == 255).sum() > (arr[:, 2] == 255).sum()
 
 
 def test_round_trip_on_original_grid(tmp_path, scan):
