@@ -27,6 +27,9 @@ lint: $(BIN)/.hemocam-installed
 fmt: $(BIN)/.hemocam-installed
 	$(BIN)/snakefmt Snakefile workflow/rules
 
+report: $(BIN)/.hemocam-installed
+	$(BIN)/snakemake --configfile $(PRESET) --report report.html
+
 bench: $(BIN)/.hemocam-installed
 	$(BIN)/python benchmarks/run_all.py
 

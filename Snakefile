@@ -17,9 +17,11 @@ include: "workflow/rules/cam.smk"
 include: "workflow/rules/pseudomask.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         final_targets,
+        report_targets,

@@ -61,3 +61,11 @@ def assert_no_markers(roots, markers):
 
 def requires_realct():
     return pytest.mark.skipif(not REALCT.exists(), reason=f"real CT test data not found at {REALCT}")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One full run of the workflow on the tiny demo cohort (quirks on), shared by every test."""
+    workdir = tmp_path_factory.mktemp("demo")
+    run_snakemake(workdir)
+    return workdir

@@ -15,14 +15,6 @@ from conftest import assert_no_markers, run_snakemake
 pytestmark = pytest.mark.workflow
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One full run of the workflow on the tiny demo cohort (quirks on), shared by the tests."""
-    workdir = tmp_path_factory.mktemp("demo")
-    run_snakemake(workdir)
-    return workdir
-
-
 def _jobs(dry_run_output: str) -> dict:
     """Rule -> job count from a dry run's job table."""
     table = dry_run_output.split("Job stats:", 1)[-1]
