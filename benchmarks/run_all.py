@@ -104,12 +104,71 @@ def summary(results: list[dict], out: Path, argv: list[str]) -> str:
     return text
 
 
+def _smi_rows(path: Path) -> list[tuple[float, float, float]]:
+    """(epoch seconds, utilisation %, memory MiB) from `nvidia-smi --query-gpu=timestamp,...`."""
+    import datetime as dt
+
+    rows = []
+    for line in path.read_text(errors="replace").splitlines()[1:]:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3:
+            continue
+        try:
+            t = dt.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            rows.append((t, float(parts[1].split()[0]), float(parts[2].split()[0])))
+        except ValueError:
+            continue
+    return rows
+
+
+def gpu_summary(out: Path) -> str:
+    """Figures of the CUDA records and GPU utilisation per phase (benchmarks/gpu.sh)."""
+    smi = _smi_rows(out / "nvidia-smi.csv") if (out / "nvidia-smi.csv").exists() else []
+    phases = []
+    if (out / "gpu_phases.tsv").exists():
+        for line in (out / "gpu_phases.tsv").read_text().splitlines():
+            name, t0, t1, rc = line.split("\t")
+            phases.append((name, float(t0), float(t1), int(rc)))
+    m = bl.machine()
+    lines = [f"GPU run: {', '.join(m.get('gpus', ['no GPU seen']))}; {m.get('cpus_usable', m.get('cpus'))} CPU cores "
+             f"({m.get('cpu_model', '?')}); commit {bl.git_commit()}; {time.strftime('%Y-%m-%d %H:%M')}; "
+             f"command `bash benchmarks/gpu.sh`.", "",
+             "| phase | exit | wall s | GPU util mean % | GPU util max % | samples >= 50 % | GPU memory max MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, t0, t1, rc in phases:
+        mine = [r for r in smi if t0 <= r[0] <= t1]
+        if mine:
+            u = [r[1] for r in mine]
+            lines.append(f"| {name} | {rc} | {t1 - t0:.1f} | {sum(u) / len(u):.1f} | {max(u):.0f} | "
+                         f"{100 * sum(x >= 50 for x in u) / len(u):.0f} % | {max(r[2] for r in mine):.0f} |")
+        else:
+            lines.append(f"| {name} | {rc} | {t1 - t0:.1f} | no samples | | | |")
+    lines += ["", "| benchmark | figure | value | target | met | baseline (same run) | notes |", "|---|---|---|---|---|---|---|"]
+    for name, file in (("classifier", "classifier_cuda.json"), ("cam", "cam_cuda.json"), ("overhead", "overhead_cuda.json")):
+        path = out / file
+        if not path.exists():
+            lines.append(f"| {name} | no {file} | | | | | |")
+            continue
+        for f in figures_of(name, json.loads(path.read_text())):
+            met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
+            lines.append(f"| {name} | {f['name']} | {fmt(f['value'])} {f['unit']} | {f['target'] or ''} | {met} | "
+                         f"{f['baseline'] or ''} | {f['note'] or ''} |")
+    text = "\n".join(lines) + "\n"
+    (out / "gpu_summary.md").write_text(text)
+    print(text)
+    return text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu-summary", metavar="OUT", help="only summarise a benchmarks/gpu.sh run in OUT")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--only", default="", help="comma-separated subset of: planning,ingest,preprocess,classifier,cam,overhead")
     ap.add_argument("--out", default=str(bl.DEFAULT_OUT))
     a = ap.parse_args(argv)
+    if a.gpu_summary:
+        gpu_summary(Path(a.gpu_summary))
+        return 0
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     only = {s for s in a.only.split(",") if s}
