@@ -20,6 +20,7 @@ What is compared (same machine, same run, same files):
 Both volumes are checked to agree (same series, shape, affine and voxel values).
 
     python benchmarks/bench_ingest.py --scans 40 --matrix 128        -> benchmarks/out/ingest.json
+    python benchmarks/bench_ingest.py --scans 6 --matrix 512 --slices 32 --name ingest512   (RSNA-sized slices)
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="dcm2niix repeats (median)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the workdir (bench_preprocess can reuse its NIfTIs)")
+    ap.add_argument("--name", default="ingest", help="record name (benchmarks/out/<name>.json)")
     ap.add_argument("--out", default=str(bl.DEFAULT_OUT))
     ap.add_argument("--_components", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -152,7 +154,7 @@ def main(argv=None):
     marginal_wall = comp["plan"]["wall_s"] + comp["ingest_batch"]["wall_s"]
     r_wall, r_cpu = bl.ratio(full["wall_s"], b_wall), bl.ratio(full["cpu_s"], b_cpu)
     figures = [
-        bl.figure(f"snakemake ingest / dcm2niix ({n_ok} scans, wall)", r_wall, "x", f"<= {TARGET}", r_wall <= TARGET,
+        bl.figure(f"snakemake ingest / dcm2niix ({n_ok} scans of {a.matrix}x{a.matrix}x{a.slices}, wall)", r_wall, "x", f"<= {TARGET}", r_wall <= TARGET,
                   baseline=f"dcm2niix {b_wall} s wall", note=f"hemocam {full['wall_s']} s, --cores {a.cores}"),
         bl.figure("snakemake ingest / dcm2niix (CPU time)", r_cpu, "x", f"<= {TARGET}", r_cpu <= TARGET,
                   baseline=f"dcm2niix {b_cpu} s CPU", note=f"hemocam {full['cpu_s']} s CPU (whole process tree)"),
@@ -170,9 +172,9 @@ def main(argv=None):
               "load_before": load0, "load_after": bl.loadavg(), "figures": figures,
               "compared": "dcm2niix -z y on the flat folder (all series, one call) vs snakemake ingest "
                           "(plan + ingest jobs + scans.tsv), masks off; both write one gzipped NIfTI per series"}
-    bl.print_figures("ingestion", figures)
+    bl.print_figures(f"ingestion ({a.matrix}x{a.matrix}x{a.slices})", figures)
     print(f"  outputs: {agree}")
-    path = bl.write_record("ingest", record, a.out, argv)
+    path = bl.write_record(a.name, record, a.out, argv)
     print(f"  -> {path}")
     if a.keep:
         print(f"  workdir kept: {work}")

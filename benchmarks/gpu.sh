@@ -69,7 +69,7 @@ phase() {  # phase NAME TIMEOUT_S CMD...: run one benchmark, log its time span f
 
 # 4. production classifier: resnet34, 256 px, 2x256 bi-LSTM, 4 scans x 32 slices per step
 phase classifier 110 "$PY" benchmarks/bench_classifier.py --device cuda --size 256 --arch resnet34 \
-    --lstm-hidden 256 --lstm-layers 2 --slices 32 --batch-size 4 --steps 20 --warmup 3 \
+    --lstm-hidden 256 --lstm-layers 2 --slices 32 --batch-size 4 --steps 30 --warmup 5 --workers 8 \
     --out "$OUT/classifier_cuda.json"
 # 5. Grad-CAM at the same sizes
 phase cam 60 "$PY" benchmarks/bench_cam.py --device cuda --size 256 --arch resnet34 --slices 32 \

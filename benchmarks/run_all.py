@@ -48,6 +48,8 @@ def plan(quick: bool, out: Path) -> list[tuple[str, list[str]]]:
     return [
         ("planning", [PY, HERE / "bench_planning.py", "--sizes", "1000,5000,25000", "--demo", *o]),
         ("ingest", [PY, HERE / "bench_ingest.py", "--scans", "40", "--matrix", "128", *o]),
+        ("ingest512", [PY, HERE / "bench_ingest.py", "--scans", "6", "--matrix", "512", "--slices", "32",
+                       "--name", "ingest512", *o]),
         ("preprocess", [PY, HERE / "bench_preprocess.py", "--scans", "8", "--matrix", "256", *o]),
         ("classifier", [PY, HERE / "bench_classifier.py", "--device", "cpu", "--size", "96", "--arch", "resnet18",
                         "--steps", "3", "--warmup", "1", "--batch-size", "2", "--out", str(out / "classifier.json")]),
@@ -163,7 +165,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu-summary", metavar="OUT", help="only summarise a benchmarks/gpu.sh run in OUT")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    ap.add_argument("--only", default="", help="comma-separated subset of: planning,ingest,preprocess,classifier,cam,overhead")
+    ap.add_argument("--only", default="",
+                    help="comma-separated subset of: planning,ingest,ingest512,preprocess,classifier,cam,overhead")
     ap.add_argument("--out", default=str(bl.DEFAULT_OUT))
     a = ap.parse_args(argv)
     if a.gpu_summary:
