@@ -167,8 +167,11 @@ def ingest_batch(batch_plan_path, cfg: dict, results_dir, manifest_out, threads:
     fn = partial(ingest_scan, batch_plan_path=batch_plan_path, cfg_json=cfg_json, results_dir=str(results_dir))
     df = run_batch("ingest", scan_ids, fn, manifest_out, processes=max(1, int(threads or 1)))
     missing = [c for c in MANIFEST_COLUMNS if c not in df]
-    if missing:  # every scan rejected: keep the manifest's columns the same for readers
-        for col in missing:
+    rejected = bool((df["status"] != "ok").any())
+    if missing or rejected:
+        for col in missing:  # every scan rejected: keep the manifest's columns the same for readers
             df[col] = ""
+        # a rejected row has no n_slices: without this the column turns float ("14.0")
+        df["n_slices"] = pd.to_numeric(df["n_slices"], errors="coerce").astype("Int64")
         write_tsv(df[["scan_id", "status", "reason", *MANIFEST_COLUMNS]], manifest_out)
     return df

@@ -625,6 +625,8 @@ def write_scans_table(plan: Plan, manifests, out) -> pd.DataFrame:
                 for c in ("n_slices", "spacing_x", "spacing_y", "spacing_z", "source", "notes"):
                     if c in m and not pd.isna(m[c]):
                         row[c] = m[c]
+                if row["n_slices"] != "":  # read back as float when a manifest has a rejected row
+                    row["n_slices"] = int(row["n_slices"])
             else:
                 row["status"], row["reason"] = "rejected", "ingest: in no ingest manifest"
             if row["status"] == "ok":
