@@ -26,6 +26,16 @@ def resample_nearest(mask: np.ndarray, mask_affine, shape, affine) -> np.ndarray
                                     order=0, mode="constant", cval=0, prefilter=False)
 
 
+def covered_slices(mask_shape, mask_affine, shape, affine, tol=1e-3) -> int:
+    """How many slices of the scan grid lie wholly inside the mask grid (corner voxel centres)."""
+    m = np.linalg.inv(np.asarray(mask_affine, float)) @ np.asarray(affine, float)
+    nx, ny, nz = shape[:3]
+    corners = np.array([(i, j, k, 1.0) for k in range(nz) for i in (0, nx - 1) for j in (0, ny - 1)])
+    ijk = (corners @ m.T)[:, :3]
+    inside = np.all((ijk >= -0.5 - tol) & (ijk <= np.asarray(mask_shape[:3]) - 0.5 + tol), axis=1)
+    return int(inside.reshape(nz, 4).all(axis=1).sum())
+
+
 def mask_on_grid(path, shape, affine, name: str) -> tuple[np.ndarray, list[str]]:
     """Load ``path`` as a uint8 mask (>0 = hemorrhage) on the scan grid (shape, affine)."""
     try:
@@ -57,6 +67,9 @@ def mask_on_grid(path, shape, affine, name: str) -> tuple[np.ndarray, list[str]]
     if n_in and not out.any():
         raise InputError(f"{path}: mask foreground falls outside {name}")
     notes.append("mask resampled onto the scan grid (nearest neighbour)")
+    n_cov = covered_slices(data.shape, m_aff, shape, affine)
+    if n_cov < shape[2]:  # beyond the mask's grid, the ground truth reads as "no hemorrhage"
+        notes.append(f"mask grid covers {n_cov} of {shape[2]} scan slices")
     if n_in:
         # compare in mm^3 (the grids differ): a large loss means part of it lay outside the scan
         v_in = n_in * abs(np.linalg.det(np.asarray(m_aff, float)[:3, :3]))
