@@ -7,16 +7,24 @@ For one scan, on the NIfTI grid (all inputs are already there):
    classifier's probability ``any`` from ``R/classifier/slices/{id}.tsv`` >= ``prob_threshold``;
 2. **CAM region** — ``cam >= cam_threshold`` inside the brain mask (``R/brainmask``): where the
    classifier looked;
-3. **intensity refinement** (``refine``), fitted on the HU values of the CAM region of the whole
-   scan (pooled over its gated slices, which is steadier than per slice):
-   ``kmeans`` — 1-D k-means with ``n_clusters`` (2-3) clusters, keep the hyperdense (highest
-   centroid) cluster, i.e. voxels above the midpoint between the top two centroids;
-   ``otsu`` — keep voxels above Otsu's threshold; ``none`` — no refinement;
+3. **intensity refinement** (``refine``), fitted on the soft-tissue HU values
+   (``refine_min_hu`` <= HU <= ``hu_max``: bone and the partial-volume rim at the inner table would
+   otherwise form the "hyperdense" cluster) of the CAM region of the whole scan (pooled over its
+   gated slices, steadier than per slice):
+   ``kmeans`` — 1-D k-means with ``n_clusters`` clusters (CSF, parenchyma, blood), keep the
+   hyperdense (highest centroid) cluster, i.e. voxels above the midpoint between the top two
+   centroids; ``otsu`` — keep voxels above Otsu's threshold; ``none`` — no refinement;
 4. **HU window** — only ``hu_min <= HU <= hu_max`` (acute blood is hyperdense, ~50-90 HU; this
-   drops brain, CSF and bone/calcification whatever the clustering did);
+   drops brain, CSF and bone/calcification whatever the clustering did, and bounds the
+   clustering threshold from below when a CAM region holds no blood);
 5. **clean-up** — per-slice hole filling (``fill_holes``: clots are heterogeneous and the HU
    window punches holes into them), then 3-D connected components smaller than
    ``min_component_voxels`` removed.
+
+``cam_mode`` says how the CAM restricts the result: ``region`` (default) keeps voxels inside the
+CAM region only; ``component`` keeps whole hyperdense 3-D components (found on the gated slices
+inside the brain) that the CAM region touches, i.e. their maximum CAM is >= ``cam_threshold``:
+a coarse CAM (layer4 is 1/32 of the input resolution) then selects bleeds without cutting them.
 
 The result is a uint8 mask ``R/pseudomask/{id}.nii.gz``. Ground-truth masks are never read.
 """
@@ -42,6 +50,8 @@ DEFAULTS = {
     "hu_max": 95,
     "refine": "kmeans",  # kmeans | otsu | none
     "n_clusters": 3,  # k-means classes in the CAM region: CSF/oedema, parenchyma, blood
+    "refine_min_hu": 0,  # soft-tissue values the refinement is fitted on: refine_min_hu..hu_max
+    "cam_mode": "region",  # region | component
     "min_component_voxels": 20,  # smaller 3-D components are noise
     "prob_threshold": 0.5,  # slice gate from classifier probabilities on unlabelled cohorts
     "fill_holes": True,
@@ -53,6 +63,8 @@ def _cfg(cfg_pm: dict | None) -> dict:
     cfg.update({k: v for k, v in (cfg_pm or {}).items() if v is not None})
     if cfg["refine"] not in ("kmeans", "otsu", "none"):
         raise ValueError(f"pseudomask.refine {cfg['refine']!r} not in kmeans|otsu|none")
+    if cfg["cam_mode"] not in ("region", "component"):
+        raise ValueError(f"pseudomask.cam_mode {cfg['cam_mode']!r} not in region|component")
     return cfg
 
 
@@ -107,16 +119,28 @@ def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None
         raise ValueError(f"grids differ: hu {hu.shape}, cam {np.shape(cam)}, brain {np.shape(brain)}")
     gate = np.zeros(hu.shape[2], bool)
     gate[np.asarray(positive_slices, dtype=int)] = True
-    region = (np.asarray(cam) >= float(cfg["cam_threshold"])) & (np.asarray(brain) > 0) & gate[None, None, :]
-    if not region.any():
+    cam = np.asarray(cam)
+    lo, hi = float(cfg["hu_min"]), float(cfg["hu_max"])
+    allowed = (np.asarray(brain) > 0) & gate[None, None, :]
+    cam_region = allowed & (cam >= float(cfg["cam_threshold"]))
+    if not cam_region.any():
         return np.zeros(hu.shape, bool)
-    thr = refine_threshold(hu[region], cfg["refine"], int(cfg["n_clusters"]))
-    keep = region & (hu >= thr) & (hu >= float(cfg["hu_min"])) & (hu <= float(cfg["hu_max"]))
+    soft = cam_region & (hu >= float(cfg["refine_min_hu"])) & (hu <= hi)
+    thr = refine_threshold(hu[soft], cfg["refine"], int(cfg["n_clusters"]))
+    region = cam_region if cfg["cam_mode"] == "region" else allowed
+    keep = region & (hu >= max(thr, lo)) & (hu <= hi)
     if cfg["fill_holes"]:
         for z in np.flatnonzero(keep.any(axis=(0, 1))):
-            # holes are filled only inside the CAM region: no leaking into the brain
+            # holes are filled only inside the region: no leaking into the brain
             keep[:, :, z] = ndimage.binary_fill_holes(keep[:, :, z]) & region[:, :, z]
-    return remove_small_components(keep, int(cfg["min_component_voxels"]))
+    keep = remove_small_components(keep, int(cfg["min_component_voxels"]))
+    if cfg["cam_mode"] == "component" and keep.any():
+        lab, n = ndimage.label(keep)
+        touched = np.zeros(n + 1, bool)
+        touched[np.unique(lab[cam_region & keep])] = True
+        touched[0] = False
+        keep = touched[lab]
+    return keep
 
 
 def positive_slices(scan_id: str, results_dir, n_slices: int, labelled: bool, prob_threshold: float) -> np.ndarray:

@@ -141,3 +141,24 @@ def test_pseudomask_batch_rejects_a_scan_without_labels(tmp_path):
     assert read_tsv(tmp_path / "manifest.tsv").shape[0] == 2
     with pytest.raises(InputError, match="missing"):
         pm.pseudomask_scan("nolab", tmp_path, CFG, labelled=True)
+
+
+def test_refinement_ignores_bone_inside_the_region():
+    hu, cam, brain = phantom()
+    hu[3, 3:21, :] = 600  # partial-volume rim of the inner table, inside the brain mask
+    cam[:, :, :] = 0.9
+    m = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "hu_max": 95})
+    assert m[6:12, 6:12, 2:4].all() and m.sum() == 72  # bone would have been the "hyperdense" cluster
+
+
+def test_component_mode_keeps_whole_bleeds_the_cam_touches():
+    hu, cam, brain = phantom()
+    hu[14:18, 14:18, 2:4] = 75  # a second bleed the classifier did not look at
+    cam[:, :, :] = 0.0
+    cam[6:8, 6:8, 2] = 0.8  # the CAM only touches a corner of the first bleed
+    region = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG)
+    comp = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "cam_mode": "component"})
+    assert region.sum() == 0  # 4 voxels inside the region: below min_component_voxels
+    assert comp[6:12, 6:12, 2:4].all() and comp.sum() == 72  # the whole bleed, not the other one
+    with pytest.raises(ValueError, match="cam_mode"):
+        pm.build_pseudomask(hu, cam, brain, [2], {**CFG, "cam_mode": "blob"})
