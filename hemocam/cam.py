@@ -6,18 +6,27 @@ every slice's features. Grad-CAM only needs d logit_t / d A_t, the gradient of s
 with respect to the activations of the chosen ResNet layer *on slice t*, which is well defined
 through the LSTM.
 
-How (one scan at a time, B=1, T slices):
+How (one scan at a time, B=1, T slices). The part of the network before the hooked layer always
+runs without autograd (we differentiate with respect to its output), so it costs what inference
+costs. Then, by ``grad_mode``:
 
-- one forward of the whole scan. The part of the network before the hooked layer runs without
-  autograd (it has no gradient to give: we differentiate with respect to its output), so the
-  forward costs about what inference costs;
-- T reverse passes from ``logit[t, label]`` to the hooked activations ``A`` (T, K, h, w), keeping
-  only row t of each (the diagonal block). With the default ``layer4`` the graph behind the
-  logits is just pooling + LSTM + linear, so these passes are cheap, and they run as batched
-  backward calls (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. vmap over one-hot
-  grad_outputs, ``grad_chunk`` rows at a time): measured 5x faster than a Python loop of T
-  backward calls on CPU. ``grad_mode: loop`` keeps the loop (a fallback, and the reference the
-  tests compare against).
+- ``sequence`` (default for the ResNet-LSTM, i.e. any model with a per-slice ``encode`` and a
+  ``sequence`` head, the layer inside ``model.encoder``): the encoder treats slices
+  independently, so d logit_t / d A_t = (d logit_t / d f_t)(d f_t / d A_t), f = pooled slice
+  features. The first factors for all t come from ONE pass of the sequence head over T copies of
+  the scan's features (copy b reads out slice b's logit; the gradient of the sum w.r.t. the
+  copies has them on its diagonal), the second from ONE vector-Jacobian product through the
+  encoder tail. On GPU the head runs on cuDNN (train mode with dropout 0 = eval outputs, since
+  cuDNN's RNN backward refuses eval mode).
+- ``batched`` (any model returning (1, T, L)): T reverse passes from ``logit[t, label]`` to the
+  hooked activations ``A`` (T, K, h, w), keeping row t of each (the diagonal block), run as
+  batched backward calls (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over one-hot
+  grad_outputs, ``grad_chunk`` rows at a time);
+- ``loop``: the same T reverse passes in a Python loop (the reference the tests compare against).
+
+Measured (benchmarks/bench_cam.py, CPU, resnet18, 96 px, 28 slices): batched 3x faster than the
+loop; on an H200 the batched/loop modes reach only ~2 % of the inference rate (the native LSTM
+backward is a long chain of tiny kernels), hence the sequence path.
 - Grad-CAM: weights = spatial mean of the gradient; map = ReLU(sum_k w_k A_k).
   Grad-CAM++ (``method: gradcampp``): weights = sum_ij alpha_ij ReLU(g_ij) with the usual
   closed form alpha = g^2 / (2 g^2 + sum_ij A g^3) (exponential-score approximation).
@@ -26,8 +35,8 @@ Normalisation: maps are upsampled to S x S and divided by their maximum **over t
 not per slice: a slice whose logit barely responds keeps a low map instead of being stretched to
 1, so thresholds mean the same thing on every slice and negative slices stay low.
 
-cuDNN's LSTM cannot run backward in eval mode and oneDNN's is very slow on CPU, so the RNN modules
-run with the native kernels during the CAM forward (the convolutions keep cuDNN/oneDNN).
+oneDNN's LSTM backward is very slow on CPU, so RNN modules run with the native kernels there
+(the convolutions keep oneDNN); the batched/loop modes also avoid cuDNN's RNN on GPU.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from hemocam.train import amp_dtype, autocast, select_device
 log = logging.getLogger("hemocam")
 
 METHODS = ("gradcam", "gradcampp")
+GRAD_MODES = ("sequence", "batched", "loop")
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -97,18 +107,42 @@ def _rnn_without_fused_kernels(model: nn.Module):
             h.remove()
 
 
-def _forward_with_activations(model, x, layer):
-    """Forward ``x`` recording the layer output; autograd only from that layer onwards."""
-    store = []
-
+def _grad_from_here_hook(store):
     def hook(_m, _inp, out):
         # switch autograd on from here: everything before the layer stays graph-free
+        # (the enclosing torch.no_grad() restores the mode on exit; the graph survives)
         torch.set_grad_enabled(True)
         a = out.detach().requires_grad_(True)
         store.append(a)
         return a
 
-    handle = layer.register_forward_hook(hook)
+    return hook
+
+
+@contextlib.contextmanager
+def _rnn_backward_ready(model: nn.Module, device: torch.device):
+    """RNNs whose backward is fast: cuDNN in train mode with dropout 0 on CUDA (identical outputs
+    to eval mode: an LSTM has no other train-time behaviour), native kernels on CPU."""
+    if device.type != "cuda":
+        with _rnn_without_fused_kernels(model):
+            yield
+        return
+    saved = [(m, m.training, m.dropout) for m in model.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        for m, _, _ in saved:
+            m.dropout = 0.0
+            m.train()
+        yield
+    finally:
+        for m, training, dropout in saved:
+            m.dropout = dropout
+            m.train(training)
+
+
+def _forward_with_activations(model, x, layer):
+    """Forward ``x`` recording the layer output; autograd only from that layer onwards."""
+    store = []
+    handle = layer.register_forward_hook(_grad_from_here_hook(store))
     try:
         with torch.no_grad(), _rnn_without_fused_kernels(model):
             logits = model(x)
@@ -142,6 +176,47 @@ def _diag_grads(y, acts, grad_mode, chunk):
     for t in range(T):
         out[t] = torch.autograd.grad(y[t], A, retain_graph=True)[0][t]
     return A, out
+
+
+def _uses_sequence_path(model: nn.Module, layer: nn.Module) -> bool:
+    """A model made of a per-slice ``encode`` and a sequence ``sequence`` head (ResNetLSTM),
+    with the CAM layer inside the per-slice encoder."""
+    enc = getattr(model, "encoder", None)
+    return (callable(getattr(model, "encode", None)) and callable(getattr(model, "sequence", None))
+            and isinstance(enc, nn.Module) and any(m is layer for m in enc.modules()))
+
+
+def _sequence_path_grads(model, x, layer, label_indices):
+    """Per-slice gradients for an encode/sequence model with ONE batched head pass.
+
+    The encoder treats slices independently (eval mode), so d logit_t / d A_t =
+    (d logit_t / d f_t) · (d f_t / d A_t) with f the pooled slice features. The first factor for
+    every t at once: run the (cheap) sequence head on T copies of the scan's features, copy b
+    reading out slice b's logit, and differentiate the sum with respect to the copies; the
+    diagonal blocks are the T vectors d logit_t / d f_t. One vector-Jacobian product through the
+    encoder tail then gives every d logit_t / d A_t. Cost: one inference forward, one head
+    forward/backward with batch T (cuDNN on GPU), one backward through the layers after ``layer``.
+    """
+    store = []
+    handle = layer.register_forward_hook(_grad_from_here_hook(store))
+    try:
+        with torch.no_grad():
+            feats = model.encode(x[0])
+    finally:
+        handle.remove()
+    if len(store) != 1 or store[0].shape[0] != x.shape[1]:
+        raise RuntimeError(f"CAM needs one layer call with {x.shape[1]} rows, got {[tuple(a.shape) for a in store]}")
+    A = store[0]
+    T = x.shape[1]
+    rep = feats.detach()[None].repeat(T, 1, 1).requires_grad_(True)  # (T copies, T slices, F)
+    with _rnn_backward_ready(model, x.device):
+        logits_rep = model.sequence(rep).float()  # (T, T, L)
+    diag = torch.arange(T, device=x.device)
+    grads = {}
+    for li in label_indices:
+        g_f = torch.autograd.grad(logits_rep[diag, diag, li].sum(), rep, retain_graph=True)[0][diag, diag]
+        grads[li] = torch.autograd.grad(feats, A, grad_outputs=g_f.to(feats.dtype), retain_graph=True)[0]
+    return logits_rep[0].detach(), A, grads
 
 
 def _weights_and_maps(A, G, method):
@@ -180,17 +255,25 @@ def slice_cams(
         raise ValueError(f"cam.method {method!r} not in {METHODS}")
     mod = find_layer(model, layer) if isinstance(layer, str) else layer
     if grad_mode == "auto":
-        grad_mode = "batched"
-    if grad_mode not in ("batched", "loop"):
-        raise ValueError(f"cam.grad_mode {grad_mode!r} not in auto|batched|loop")
+        grad_mode = "sequence" if _uses_sequence_path(model, mod) else "batched"
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"cam.grad_mode {grad_mode!r} not in auto|{'|'.join(GRAD_MODES)}")
+    if grad_mode == "sequence" and not _uses_sequence_path(model, mod):
+        raise ValueError("cam.grad_mode sequence needs a model with encode/sequence and the layer in its encoder")
     was_training = model.training
     model.eval()
     try:
-        logits, acts = _forward_with_activations(model, x, mod)
-        logits = logits[0]
+        if grad_mode == "sequence":
+            logits, A_seq, seq_grads = _sequence_path_grads(model, x, mod, label_indices)
+        else:
+            logits, acts = _forward_with_activations(model, x, mod)
+            logits = logits[0]
         maps = {}
         for li in label_indices:
-            A, G = _diag_grads(logits[:, li], acts, grad_mode, chunk)
+            if grad_mode == "sequence":
+                A, G = A_seq, seq_grads[li]
+            else:
+                A, G = _diag_grads(logits[:, li], acts, grad_mode, chunk)
             with torch.no_grad():
                 m = _weights_and_maps(A.float(), G.float(), method)
                 if out_size is not None:
