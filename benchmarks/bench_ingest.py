@@ -165,6 +165,19 @@ def main(argv=None):
                   note=f"fixed costs left out; wall x{bl.ratio(marginal_wall, b_wall)}"),
         bl.figure("fixed cost: no-op `snakemake ingest`", noop["wall_s"], "s", note=f"CPU {noop['cpu_s']} s"),
     ]
+    # At scale: per-scan CPU from the in-process run, plus the fixed CPU of each job (interpreter,
+    # imports, script preamble) estimated from this run: what the Snakemake run cost beyond the
+    # in-process work and the no-op parse, over its ingest jobs + the scans_table job.
+    shipped = bl.shipped_config()
+    jobs_here = min(int(bl.shipped_config("config/presets/cpu-small.yaml")["batching"]["cpu_jobs"]), n_ok) \
+        if not a.cpu_jobs else min(a.cpu_jobs, n_ok)
+    per_job = max(0.0, full["cpu_s"] - marginal_cpu - noop["cpu_s"]) / (jobs_here + 1)
+    big_n, big_jobs = 25000, int(shipped["batching"]["cpu_jobs"])
+    est = (big_n * marginal_cpu / n_ok + (big_jobs + 1) * per_job + noop["cpu_s"]) / (big_n * b_cpu / n_ok)
+    figures.append(bl.figure(f"extrapolated: {big_n} such scans in {big_jobs} ingest jobs / dcm2niix (CPU)", round(est, 3),
+                             "x", f"<= {TARGET}", est <= TARGET,
+                             note=f"per-scan CPU of this run + {round(per_job, 2)} s CPU fixed per job (measured here) "
+                                  f"x {big_jobs + 1} jobs + one parse"))
     record = {"scans": a.scans, "matrix": a.matrix, "slices": a.slices, "quirks": False, "cores": a.cores,
               "cohort": str(cohort), "config": text, "preset": str(preset.relative_to(ROOT)),
               "dcm2niix_runs": base, "dcm2niix_median": {"wall_s": b_wall, "cpu_s": b_cpu},

@@ -196,6 +196,19 @@ def main(argv=None):
             res["figures"] = figures_of(name, json.loads(json_path.read_text()))
         print(f"##### {name}: {'ok' if not res['error'] else res['error']} in {res['wall_s']} s", flush=True)
         results.append(res)
+    # benchmarks left out by --only: their last records (if any) complete the table
+    ran = {r["name"] for r in results}
+    for name, _ in plan(a.quick, out):
+        path = out / f"{name}.json"
+        if name in ran or not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        figs = [{**f, "note": f"(earlier run, {rec.get('when', rec.get('time', '?'))}) {f['note'] or ''}"}
+                for f in figures_of(name, rec)]
+        results.append({"name": name, "rc": 0, "wall_s": None, "load_before": rec.get("load_before") or [],
+                        "load_after": rec.get("load_after") or [], "error": "", "figures": figs})
+    order = [n for n, _ in plan(a.quick, out)]
+    results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     total = round(time.perf_counter() - t_all, 1)
     text = summary(results, out, [Path(PY).name, *(argv if argv is not None else sys.argv)])
     bl.write_record("run_all", {"total_s": total, "benchmarks": results, "quick": a.quick}, out,
