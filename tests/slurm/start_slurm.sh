@@ -33,6 +33,14 @@ if [ -e "$CONF_DIR/slurm.conf" ] && ! head -n1 "$CONF_DIR/slurm.conf" | grep -qF
     exit 3
 fi
 
+# A test cluster still running from another state dir (recorded in our slurm.conf) holds
+# the ports: stop it first.
+if [ -e "$CONF_DIR/slurm.conf" ]; then
+    old_state=$(sed -n 's|^StateSaveLocation=\(.*\)/ctld$|\1|p' "$CONF_DIR/slurm.conf")
+    if [ -n "$old_state" ] && [ "$old_state" != "$STATE" ] && [ -e "$old_state/.hemocam-slurm" ]; then
+        "$HERE/stop_slurm.sh" "$old_state" || true
+    fi
+fi
 # A previous test cluster in the same state dir: stop it, then start from scratch.
 if [ -d "$STATE" ] && [ -n "$(ls -A "$STATE")" ]; then
     [ -e "$STATE/.hemocam-slurm" ] || die "$STATE exists but is not a hemocam test-cluster state dir"

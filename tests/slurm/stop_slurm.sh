@@ -36,9 +36,12 @@ stop "$STATE/slurmd.pid" "$STATE/slurmctld.pid"
 stop "$STATE/slurmdbd.pid"
 stop "$STATE/mysql/mariadb.pid" "$STATE/munge/munged.pid"
 
-for f in /etc/slurm/slurm.conf /etc/slurm/gres.conf /etc/slurm/slurmdbd.conf; do
-    if [ -e "$f" ] && head -n1 "$f" | grep -qF "$MARK"; then
-        rm -f "$f"
-    fi
-done
+# The configuration, if it is this cluster's (another test cluster may have replaced it).
+if grep -qx "StateSaveLocation=$STATE/ctld" /etc/slurm/slurm.conf 2>/dev/null; then
+    for f in /etc/slurm/slurm.conf /etc/slurm/gres.conf /etc/slurm/slurmdbd.conf; do
+        if [ -e "$f" ] && head -n1 "$f" | grep -qF "$MARK"; then
+            rm -f "$f"
+        fi
+    done
+fi
 echo "stop_slurm.sh: stopped the test cluster in $STATE"
