@@ -301,9 +301,11 @@ def evaluate(model, loader, device, labels, norm, monitor="logloss", tta=False, 
     a = table.set_index("label")["auc"]
     metrics = {"val_logloss": float(table.iloc[-1]["logloss"]), "val_auc_any": float(a.get("any", np.nan)),
                "val_auc_mean": float(table.iloc[-1]["auc"])}
-    if monitor == "auc_any":
+    if monitor == "auc_any" and math.isfinite(metrics["val_auc_any"]):
         # ties (AUC saturates on small validation sets) go to the better log loss
         score = metrics["val_auc_any"] - 1e-3 * metrics["val_logloss"]
+    elif monitor == "auc_any":  # no positive (or no negative) validation slice: AUC undefined
+        score = -metrics["val_logloss"]
     else:
         score = metrics["val_logloss"]
     return score, metrics, table

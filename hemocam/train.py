@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from hemocam.io import atomic_path
 
-log = logging.getLogger("hemocam")
+logger = logging.getLogger("hemocam")
 
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
@@ -276,7 +276,7 @@ class _SigtermFlag:
 
     def _handle(self, signum, frame):
         if not self.hit:
-            log.warning("SIGTERM received: aborting the current epoch, last complete checkpoint is kept")
+            logger.warning("SIGTERM received: aborting the current epoch, last complete checkpoint is kept")
         self.hit = True
 
     def __exit__(self, *exc):
@@ -286,7 +286,7 @@ class _SigtermFlag:
 
 
 def _emit(log_fn, msg: str) -> None:
-    log.info(msg)
+    logger.info(msg)
     if log_fn is not None:
         log_fn(msg)
 
@@ -402,7 +402,7 @@ def fit(
             if sigterm.hit:
                 msg = (f"interrupted by SIGTERM during epoch {epoch}; a rerun resumes after epoch {epoch - 1} "
                        f"from {last_path}")
-                log.error(msg)
+                logger.error(msg)
                 raise TrainingInterrupted(msg)
             train_loss = total_loss / max(1, n_batches)
             metrics: dict = {}
@@ -415,7 +415,7 @@ def fit(
                 score = -train_loss
             if sigterm.hit:
                 msg = f"interrupted by SIGTERM while validating epoch {epoch}; a rerun repeats it"
-                log.error(msg)
+                logger.error(msg)
                 raise TrainingInterrupted(msg)
             improved = math.isfinite(score) and (best_score is None or sign * score > sign * best_score)
             if improved:
