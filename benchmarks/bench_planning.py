@@ -184,7 +184,7 @@ def profile_cold(workdir: Path, cfg: Path, targets, top: int = 14) -> list[dict]
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,5000,25000", help="cohort sizes (scans), comma-separated")
-    ap.add_argument("--baseline-sizes", default=None, help="sizes for the bare baseline (default: --sizes)")
+    ap.add_argument("--baseline-sizes", default=None, help="sizes for the bare baseline (default: --sizes; \"\" for none)")
     ap.add_argument("--workdir", default=None, help="scratch (default: a temp dir; cohorts are cached)")
     ap.add_argument("--profile", action="store_true", help="cProfile a cold run at the largest size "
                                                            "(automatic when the target is missed)")
@@ -194,7 +194,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(bl.DEFAULT_OUT))
     a = ap.parse_args(argv)
     sizes = [int(s) for s in a.sizes.split(",") if s]
-    base_sizes = [int(s) for s in (a.baseline_sizes or a.sizes).split(",") if s]
+    base_sizes = [int(s) for s in (a.sizes if a.baseline_sizes is None else a.baseline_sizes).split(",") if s]
     scratch = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="hemocam-plan-"))
     cohorts = bl.cache_dir()
     bare_sf = scratch / "bare" / "Snakefile"
