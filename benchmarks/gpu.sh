@@ -20,6 +20,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HEMOCAM_BENCH_CACHE=${HEMOCAM_BENCH_CACHE:-${TMPDIR:-/tmp}/hemocam-bench-cache}
 
+T_START=$(date +%s)
 echo "== preflight"
 if ! "$PY" - <<'EOF'
 import importlib, sys
@@ -76,13 +77,14 @@ phase cam 60 "$PY" benchmarks/bench_cam.py --device cuda --size 256 --arch resne
     --lstm-hidden 256 --lstm-layers 2 --repeats 10 --out "$OUT/cam_cuda.json"
 # 6. job overhead at 782 scans per job (25,000 scans / batching.gpu_jobs 32), 512x512x32 scans
 phase overhead 150 "$PY" benchmarks/bench_overhead.py --device cuda --preset production --matrix 512 \
-    --slices 32 --scans 4 --repeats 3 --no-snakemake --out "$OUT"
+    --slices 32 --scans 3 --repeats 2 --no-snakemake --out "$OUT"
 
 sleep 1
 kill $SMI 2>/dev/null
 wait $SMI 2>/dev/null
 echo
 "$PY" benchmarks/run_all.py --gpu-summary "$OUT"
+echo "gpu.sh: $(( $(date +%s) - T_START )) s in all; records in $OUT"
 if [ -n "$FAILED" ]; then
     echo "failed:$FAILED"
     exit 1
