@@ -162,8 +162,8 @@ def measure(cmd, *, cwd=None, env=None, timeout: float | None = None, sample: fl
     own_hwm_kb = _status_kb(os.getpid()).get("VmHWM", 0)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=err,
-                                start_new_session=True)
+        # same process group as this one: a `timeout` around the benchmark (gpu.sh) kills it too
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=err)
         sampler = TreeSampler(proc.pid, sample) if sample else None
         if sampler:
             sampler.start()
@@ -172,10 +172,11 @@ def measure(cmd, *, cwd=None, env=None, timeout: float | None = None, sample: fl
         if timeout:
             def _kill():
                 timed_out.set()
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                for p in reversed(_tree(proc.pid)):
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except OSError:
+                        pass
             timer = threading.Timer(timeout, _kill)
             timer.start()
         _, status, ru = os.wait4(proc.pid, 0)
@@ -205,7 +206,7 @@ def measure(cmd, *, cwd=None, env=None, timeout: float | None = None, sample: fl
 
 
 def check(res: dict, what: str) -> dict:
-    if res["rc"] != 0:
+    if res["rc"] != 0 or res["timed_out"]:
         raise RuntimeError(f"{what} failed (exit {res['rc']}{', timed out' if res['timed_out'] else ''}): "
                            f"{res['cmd']}\n{res['stderr_tail'][-2000:]}\n{res['stdout'][-1500:]}")
     return res
