@@ -323,7 +323,7 @@ def physionet_bad_cohort(base, out_dir) -> dict:
 # ----------------------------------------------------------------------------- running
 
 
-def snakemake(workdir, overlay: dict | None = None, *targets, check=True, extra=(), timeout=900):
+def snakemake(workdir, overlay: dict | None = None, *targets, check=True, extra=(), timeout=1800):
     """The real snakemake (tests/conftest.run_snakemake) with a config overlay, on ``targets``.
 
     Returns the CompletedProcess; ``.out`` holds stdout and stderr together (snakemake logs to
