@@ -17,7 +17,7 @@ TINY = REPO / "tests" / "config" / "tiny.yaml"
 REALCT = (REPO / ".." / "shared" / "data" / "realct").resolve()
 
 
-def run_snakemake(workdir, *args, configfiles=(CPU_SMALL, TINY), config=(), cores=2, check=True, timeout=1800):
+def run_snakemake(workdir, *args, configfiles=(CPU_SMALL, TINY), config=(), cores=2, check=True, timeout=3600):
     """Run snakemake from the repository's Snakefile in ``workdir``; return the CompletedProcess."""
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", str(cores)]
     if configfiles:
