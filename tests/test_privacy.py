@@ -125,8 +125,6 @@ def test_hashed_scan_ids_are_not_the_series_uids(cohort, hashed):
     assert not leaked([hashed["work"]], cohort["markers"])
 
 
-@pytest.mark.xfail(strict=True, reason="results/provenance.json (and .snakemake/metadata) hold the whole config, "
-                                       "input.scan_id_key included: the hash key must be redacted")
 def test_the_scan_id_key_is_not_written(hashed):
     assert not leaked([hashed["work"] / "results"], [KEY])
     provenance = json.loads((hashed["work"] / "results" / "provenance.json").read_text())

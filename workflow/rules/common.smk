@@ -189,6 +189,16 @@ def upper_bound_active():
     return trains_segmenter() and config["segmenter"]["upper_bound"] and has_masks()
 
 
+def public_config():
+    """The config as written into outputs: the scan-id hash key is a secret and is redacted."""
+    import copy
+
+    public = copy.deepcopy(config)
+    if public["input"].get("scan_id_key"):
+        public["input"]["scan_id_key"] = "<redacted>"
+    return public
+
+
 CLASSIFIER = config["model"]["classifier"] or f"{R}/classifier/model.pt"
 SEGMENTER = config["model"]["segmenter"] or f"{R}/segmenter/model.pt"
 

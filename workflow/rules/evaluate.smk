@@ -27,6 +27,6 @@ rule evaluate:
         runtime=60,
     params:
         results=results_dir(1),
-        config=config,
+        config=public_config(),
     script:
         "../scripts/evaluate.py"

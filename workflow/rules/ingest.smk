@@ -90,7 +90,7 @@ rule provenance:
         mem_mb=1000,
         runtime=5,
     params:
-        config=config,
+        config=public_config(),
     script:
         "../scripts/provenance.py"
 
