@@ -45,8 +45,13 @@ CLUSTER_ENV = {
     "HEMOCAM_SLURM_ACCOUNT": "hemocam",
     "HEMOCAM_SLURM_GPU_MODEL": "fake",
 }
-# Planner caches that record absolute input paths and file mtimes: differ by workdir.
-RUN_SPECIFIC = ("ingest/index.tsv", "ingest/index.tsv.key", "ingest/plan.json", "ingest/plan/")
+# Outputs that differ between any two runs: the planner caches record absolute input
+# paths and file mtimes; the training-curve figures plot every history column, wall-clock
+# seconds per epoch included (history.tsv itself is compared without that column).
+RUN_SPECIFIC = (
+    "ingest/index.tsv", "ingest/index.tsv.key", "ingest/plan.json", "ingest/plan/",
+    "figures/training_",
+)
 JOB_HEADER = re.compile(r"^(?P<local>local)?(?:rule|checkpoint) (?P<rule>\w+):\s*$", re.M)
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 RUN_ID = re.compile(r"SLURM run ID: (\S+)")
