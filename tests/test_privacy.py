@@ -126,6 +126,9 @@ def test_hashed_scan_ids_are_not_the_series_uids(cohort, hashed):
 
 
 def test_the_scan_id_key_is_not_written(hashed):
-    assert not leaked([hashed["work"] / "results"], [KEY])
+    """The hash key is what keeps hashed ids from being recomputed from known UIDs."""
+    assert not leaked([hashed["work"]], [KEY])  # results, logs and Snakemake's metadata
+    assert KEY not in hashed["out"]
     provenance = json.loads((hashed["work"] / "results" / "provenance.json").read_text())
     assert provenance["config"]["input"]["scan_id"] == "hash"
+    assert provenance["config"]["input"]["scan_id_key"] != KEY
