@@ -128,3 +128,33 @@ def test_groundtruth_target_and_missing_targets(cohort, tmp_path):
     cache, meta = load_cache(*cache_paths(R, scans["scan_id"][0]))
     tgt = seg.load_target(scans["scan_id"][0], R, "groundtruth", meta)
     assert tgt.shape == (cache.shape[0], 32, 32) and tgt.dtype == np.uint8
+
+
+def test_validation_score_is_mean_dice_over_lesion_scans():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.where(x[:, :1] > 0.5, 10.0, -10.0)  # predicts where channel 0 is bright
+
+    x = torch.zeros(3, 1, 4, 4)
+    y = torch.zeros(3, 1, 4, 4)
+    x[0, 0, 0, :2] = 1  # scan 0, slice 0: predicts 2 pixels
+    y[0, 0, 0, 1:3] = 1  # truth 2 pixels, 1 shared
+    x[1, 0, 3, 3] = 1  # scan 0, slice 1: one false positive pixel
+    x[2, 0, 0, 0] = 1  # scan 1 (no lesion): a false positive
+    batches = [(x, y, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))]
+    score, metrics = seg._evaluate_fn(2, 0.5)(Fixed(), batches, torch.device("cpu"))
+    assert score == pytest.approx(2 * 1 / (3 + 2))
+    assert metrics["val_dice_pos"] == pytest.approx(0.4)
+    assert metrics["val_dice_all"] == pytest.approx(0.2) and metrics["val_fp_neg_scans"] == 1.0
+
+
+def test_crop_pair_centres_on_lesions():
+    x = torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 32, 32)
+    y = torch.zeros(1, 32, 32)
+    y[0, 28, 3] = 1
+    for s in range(10):
+        xc, yc = seg.crop_pair(x, y, 16, np.random.default_rng(s), p_lesion=1.0)
+        assert xc.shape == (2, 16, 16) and yc.shape == (1, 16, 16)
+        assert yc.sum() == 1  # the lesion pixel is inside every lesion-centred window
+        r, c = torch.nonzero(yc[0])[0].tolist()
+        assert xc[0, r, c] == x[0, 28, 3]  # image and target cropped alike
