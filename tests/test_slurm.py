@@ -175,7 +175,7 @@ def _snakemake(args, workdir, env, log):
     return cmd, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(cmd, proc, log, timeout):
+def _wait(cmd, proc, log, timeout, workdir):
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -183,7 +183,12 @@ def _wait(cmd, proc, log, timeout):
         proc.wait()
     log.seek(0)
     text = log.read()
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-20000:]}"
+    if proc.returncode != 0:
+        # The reason a cluster job failed is in its Slurm log, not in Snakemake's.
+        failed = set(re.findall(r"SLURM-job '(\d+)' failed", text))
+        logs = [p for p in (workdir / ".snakemake" / "slurm_logs").rglob("*.log") if p.stem in failed]
+        tails = "".join(f"\n--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-12:]) for p in logs)
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-15000:]}{tails}")
     return text
 
 
@@ -260,9 +265,9 @@ def test_demo_workflow_runs_on_slurm_through_the_shipped_profile(slurm_cluster, 
         dict(env, **CLUSTER_ENV), slurm_log,
     )
     local_cmd, local_proc = _snakemake(["--cores", "2"], local_wd, env, local_log)
-    local_text = _wait(local_cmd, local_proc, local_log, timeout=1800)
+    local_text = _wait(local_cmd, local_proc, local_log, 1800, local_wd)
     t_local = time.monotonic() - t0
-    slurm_text = _wait(slurm_cmd, slurm_proc, slurm_log, timeout=1800)
+    slurm_text = _wait(slurm_cmd, slurm_proc, slurm_log, 1800, slurm_wd)
     t_slurm = time.monotonic() - t0
 
     # Slurm's records: exactly the jobs the plugin submitted for this run, all completed.
