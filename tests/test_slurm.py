@@ -82,8 +82,8 @@ def set_resources(settings):
     return dict(out)
 
 
-def workflow_gpu_rules(tmp_path):
-    """Names of the workflow's rules that declare a `gpu` resource (parsed, not run)."""
+def workflow_rules(tmp_path):
+    """The workflow's rules, parsed (not run): ({rules with a gpu resource}, {local rules})."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
@@ -94,15 +94,18 @@ def workflow_gpu_rules(tmp_path):
             resource_settings=ResourceSettings(),
             config_settings=ConfigSettings(configfiles=CONFIGS),
         )
-        rules = workflow._workflow.rules  # the parsed rules; the API has no public list
-        return {r.name for r in rules if "gpu" in r.resources and r.resources["gpu"].value}
+        wf = workflow._workflow  # the parsed workflow; the API has no public rule list
+        gpu = {r.name for r in wf.rules if "gpu" in r.resources and r.resources["gpu"].value}
+        # Rules without an action, and declared localrules, run on the submitting host.
+        local = {r.name for r in wf.rules if r.norun or r.name in wf._localrules}
+        return gpu, local
 
 
 def test_profile_covers_every_gpu_rule(tmp_path):
     settings = profile_settings({})
     per_rule = set_resources(settings)
     profile_gpu = {rule for rule, res in per_rule.items() if res.get("gpu") == "1"}
-    assert profile_gpu == workflow_gpu_rules(tmp_path), "slurm/config.yaml GPU_RULES differ from the workflow's gpu rules"
+    assert profile_gpu == workflow_rules(tmp_path)[0], "slurm/config.yaml GPU_RULES differ from the workflow's gpu rules"
     assert settings["executor"] == "slurm"
     # Nothing cluster-specific unless asked for: the cluster's default partition, a guessed account.
     flat = settings["default-resources"] + settings["set-resources"]
@@ -265,10 +268,16 @@ def test_demo_workflow_runs_on_slurm_through_the_shipped_profile(slurm_cluster, 
         dict(env, **CLUSTER_ENV), slurm_log,
     )
     local_cmd, local_proc = _snakemake(["--cores", "2"], local_wd, env, local_log)
-    local_text = _wait(local_cmd, local_proc, local_log, 1800, local_wd)
-    t_local = time.monotonic() - t0
-    slurm_text = _wait(slurm_cmd, slurm_proc, slurm_log, 1800, slurm_wd)
-    t_slurm = time.monotonic() - t0
+    try:
+        local_text = _wait(local_cmd, local_proc, local_log, 1800, local_wd)
+        t_local = time.monotonic() - t0
+        slurm_text = _wait(slurm_cmd, slurm_proc, slurm_log, 1800, slurm_wd)
+        t_slurm = time.monotonic() - t0
+    finally:  # one run failed: do not leave the other one behind
+        for proc in (local_proc, slurm_proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     # Slurm's records: exactly the jobs the plugin submitted for this run, all completed.
     run_id = RUN_ID.search(slurm_text).group(1)
@@ -283,11 +292,11 @@ def test_demo_workflow_runs_on_slurm_through_the_shipped_profile(slurm_cluster, 
     local_in_slurm_run = collections.Counter(m["rule"] for m in JOB_HEADER.finditer(slurm_text) if m["local"])
     assert collections.Counter(jobs["rule"]) == remote
     assert remote + local_in_slurm_run == collections.Counter(m["rule"] for m in JOB_HEADER.finditer(local_text))
-    assert set(local_in_slurm_run) <= {"all"}, f"ran outside Slurm: {local_in_slurm_run}"
+    gpu_rules, local_rules = workflow_rules(tmp_path / "parse")
+    assert set(local_in_slurm_run) <= local_rules, f"ran outside Slurm: {local_in_slurm_run}"
 
     # GPU requests exactly for the GPU rules, in the GPU partition, of the configured model;
     # everything charged to the configured account.
-    gpu_rules = workflow_gpu_rules(tmp_path / "parse")
     assert gpu_rules <= set(jobs["rule"]), "the demo must exercise every GPU rule"
     for _, job in jobs.iterrows():
         what = f"job {job.JobID} ({job.Comment}): {job.Partition} {job.ReqTRES}"
