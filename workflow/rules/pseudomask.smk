@@ -5,6 +5,8 @@ rule pseudomask_batch:
     input:
         cams=f"{R}/cam/batches/{{batch}}.tsv",
         slices=f"{R}/classifier/batches/{{batch}}.tsv",
+        # params read the scan plan: a cluster job must see the demo checkpoint as an input
+        plan=upstream("preprocess", "cpu"),
     output:
         manifest=f"{R}/pseudomask/batches/{{batch}}.tsv",
     log:

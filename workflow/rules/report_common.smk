@@ -26,6 +26,8 @@ def scan_figure_inputs(wildcards):
     inputs = {
         "segmentation": f"{R}/segmentation/batches/{wildcards.batch}.tsv",
         "cams": f"{R}/cam/batches/{wildcards.batch}.tsv",
+        # params read the scan plan: a cluster job must see the demo checkpoint as an input
+        "plan": upstream("preprocess", "cpu")(wildcards),
     }
     if trains_segmenter():
         inputs["pseudomasks"] = f"{R}/pseudomask/batches/{wildcards.batch}.tsv"
