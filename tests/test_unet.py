@@ -4,8 +4,7 @@ import torch
 from hemocam.models.unet import UNet, in_channels_for
 
 
-@pytest.mark.parametrize("encoder", ["plain", "resnet18"])
-@pytest.mark.parametrize("context", [0, 1, 2])
+@pytest.mark.parametrize("encoder,context", [("plain", 0), ("plain", 1), ("plain", 2), ("resnet18", 1)])
 def test_unet_shapes_with_context_channels(encoder, context):
     cin = in_channels_for(3, context)
     assert cin == 3 * (2 * context + 1)
@@ -21,12 +20,12 @@ def test_unet_shapes_with_context_channels(encoder, context):
 
 def test_unet_trains_on_a_trivial_target():
     torch.manual_seed(0)
-    net = UNet(3, encoder="plain", base=8)
-    x = torch.randn(4, 3, 32, 32)
-    target = (x[:, :1] > 0.5).float()  # a pixelwise rule of the middle channel's neighbour
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net = UNet(3, encoder="plain", base=4)
+    x = torch.randn(4, 3, 16, 16)
+    target = (x[:, :1] > 0.5).float()  # a pixelwise rule of the first channel
+    opt = torch.optim.Adam(net.parameters(), lr=2e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(25):
         opt.zero_grad()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), target)
         loss.backward()
