@@ -57,6 +57,7 @@ DEFAULTS = {
     "samples_per_epoch": 0,  # 0: as many draws as training slices
     "augment": True,
     "crop": 0,  # train on crop x crop windows (lesion-centred for lesion slices); 0: whole slices
+    "crop_lesion_p": 0.5,  # share of lesion-slice crops centred on a lesion pixel (others: anywhere)
     "rotate_deg": 10.0,
     "scale": 0.1,
     "shift": 0.06,  # fraction of S
@@ -113,11 +114,12 @@ class SliceDataset(torch.utils.data.Dataset):
     that seed when ``augment`` is set; a plain ``i`` never augments.
     """
 
-    def __init__(self, cache_files, targets, items, context: int, augment: dict | None = None, crop: int = 0):
+    def __init__(self, cache_files, targets, items, context: int, augment: dict | None = None, crop: int = 0,
+                 crop_lesion_p: float = 0.5):
         # caches are opened lazily (memory-mapped) in each worker: nothing big is pickled
         self.cache_files, self.context, self.augment = [str(c) for c in cache_files], int(context), augment
         self._caches = None
-        self.crop = int(crop or 0)
+        self.crop, self.crop_lesion_p = int(crop or 0), float(crop_lesion_p)
         # targets kept sparse (only non-empty slices): memory stays small for big cohorts
         self.targets = [{int(z): np.packbits(t[z]) for z in np.flatnonzero(t.reshape(len(t), -1).any(1))} for t in targets]
         self.shapes = [t.shape[1:] for t in targets]
@@ -156,11 +158,11 @@ class SliceDataset(torch.utils.data.Dataset):
             if self.augment:
                 x, y = augment_pair(x, y, rng, self.augment)
             if 0 < self.crop < x.shape[-1]:
-                x, y = crop_pair(x, y, self.crop, rng)
+                x, y = crop_pair(x, y, self.crop, rng, self.crop_lesion_p)
         return x, y, s, z
 
 
-def crop_pair(x: torch.Tensor, y: torch.Tensor, size: int, rng: np.random.Generator, p_lesion: float = 0.8):
+def crop_pair(x: torch.Tensor, y: torch.Tensor, size: int, rng: np.random.Generator, p_lesion: float = 0.5):
     """A size x size window: around a random lesion pixel (with probability ``p_lesion`` when the
     target has one), else anywhere. Training on crops costs (size/S)^2 of a full slice; the
     network is fully convolutional, so inference still runs on whole slices."""
@@ -322,7 +324,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
     if not tr[2]:
         raise InputError(f"{scans_tsv}: no training scan with a {target} mask")
     aug = {key: sc[key] for key in ("rotate_deg", "scale", "shift", "intensity", "noise")} if sc["augment"] else None
-    train_ds = SliceDataset(tr[0], tr[1], tr[2], k, aug, crop=int(sc["crop"]))
+    train_ds = SliceDataset(tr[0], tr[1], tr[2], k, aug, crop=int(sc["crop"]), crop_lesion_p=float(sc["crop_lesion_p"]))
     pos = train_ds.positive()
     frac = float(sc["pos_fraction"])
     if pos.any() and (~pos).any() and 0 < frac < 1:
