@@ -2,7 +2,7 @@
 
 Throughput: ``hemocam.preprocess.preprocess_scan`` (brain mask, windows, cache, meta) over
 already-ingested scans (hemocam.phantom.write_nifti_cohort: int16 HU NIfTI, the file contract
-of R/nifti) in ONE process pinned to one thread (OMP/MKL/torch threads = 1), so scans/s is
+of R/nifti) in ONE process pinned to one thread (OMP/MKL/OpenBLAS threads = 1), so scans/s is
 per core. Baseline in the same process: reading the same NIfTI files (nibabel, gunzip), the
 floor any stage reading them pays.
 
@@ -39,10 +39,7 @@ def preprocess_cfg():
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
 def worker_throughput(nifti_dir: Path, out_dir: Path, size: int) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    from hemocam.io import load_nifti
+    from hemocam.io import load_nifti  # one thread: OMP/MKL/OpenBLAS_NUM_THREADS=1 in the environment
     from hemocam.preprocess import preprocess_scan
 
     windows, _ = preprocess_cfg()

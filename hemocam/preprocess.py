@@ -8,7 +8,8 @@ In-plane geometry, from the NIfTI slice (axes 0, 1) to the cache frame (S, S):
    whatever order the converter stored it in (the cache is a CNN input: consistency helps);
 2. crop to the brain mask's bounding box (union over slices) plus ``margin_mm``: the brain fills
    the frame, so a given S spends its pixels on the brain rather than air;
-3. pad to a square (zeros = air in every window) and resize to S x S (bilinear, antialiased).
+3. pad to a square (zeros = air in every window) and resize to S x S (bilinear, antialiased;
+   :mod:`hemocam.resize`).
 
 ``meta`` records each step, so :func:`to_original_grid` puts a (Z, S, S) array (CAM, mask,
 probabilities) back on the original (X, Y, Z) grid and :func:`from_original_grid` does the
@@ -23,12 +24,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from hemocam.brainmask import brain_mask
 from hemocam.io import InputError, atomic_path, load_nifti, save_nifti, write_json
+from hemocam.resize import resize_last2
 from hemocam.windows import apply_windows
+
+# no torch here: a preprocess job is CPU-only and importing torch alone cost ~850 MB of its peak
 
 log = logging.getLogger("hemocam")
 
@@ -75,26 +77,6 @@ def _from_display(a_zrc: np.ndarray, meta: dict) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(a, 0, 2))
 
 
-def _resize(a_znn: np.ndarray, size: int, order: int) -> np.ndarray:
-    """Resize the last two axes of (Z, [C,] n, n) to size x size; float32 out for order 1."""
-    t = torch.from_numpy(np.ascontiguousarray(a_znn))
-    squeeze = t.ndim == 3
-    if squeeze:
-        t = t[:, None]
-    n = t.shape[-1]
-    if n == size:
-        out = t
-    elif order == 0:
-        out = F.interpolate(t.float() if t.dtype == torch.bool else t.float(), size=(size, size), mode="nearest-exact")
-    elif order == 1:
-        out = F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=size < n)
-    else:
-        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
-    out = out[:, 0] if squeeze else out
-    return out.numpy()
-
-
 def compute_geometry(mask_xyz: np.ndarray, affine, spacing, size: int, margin_mm: float = 10.0) -> dict:
     """The in-plane frame for one scan (see module docstring)."""
     meta = _display_orientation(affine)
@@ -131,14 +113,13 @@ def from_original_grid(arr_xyz, meta: dict, order: int = 1, channel_axis: int | 
     d = _to_display(a, meta)  # (Z, H, W[, C])
     r0, r1, c0, c1 = meta["crop"]
     d = d[:, r0:r1, c0:c1]
-    pr0, pr1, pc0, pc1 = meta["pad"]
-    pad = [(0, 0), (pr0, pr1), (pc0, pc1)] + [(0, 0)] * (d.ndim - 3)
-    d = np.pad(d, pad)
     if d.ndim == 4:
-        d = np.moveaxis(d, -1, 1)
+        d = np.moveaxis(d, -1, 1)  # still a view: the pad below makes the one (Z, C, side, side) copy
+    pr0, pr1, pc0, pc1 = meta["pad"]
+    d = np.pad(d, [(0, 0)] * (d.ndim - 2) + [(pr0, pr1), (pc0, pc1)])
     if d.dtype == bool:
         d = d.astype(np.uint8)
-    out = _resize(d, meta["size"], order)
+    out = resize_last2(d, meta["size"], order)
     if order == 0:
         out = out.astype(a.dtype if a.dtype != bool else np.uint8)
     return out
@@ -156,7 +137,7 @@ def to_original_grid(arr_zss, meta: dict, order: int = 1, fill=0) -> np.ndarray:
         raise ValueError(f"expected shape {(Z, S, S)}, got {a.shape}")
     if a.dtype == bool:
         a = a.astype(np.uint8)
-    big = _resize(a, meta["side"], order)
+    big = resize_last2(a, meta["side"], order)
     if order == 0:
         big = big.astype(a.dtype)
     pr0, pr1, pc0, pc1 = meta["pad"]

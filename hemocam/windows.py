@@ -48,7 +48,8 @@ def apply_windows(hu, windows, dtype=np.uint8, axis: int = 0) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype == np.uint8 and hu.dtype.kind in "iu" and hu.dtype.itemsize <= 2 and hu.dtype != np.uint16:
         lut = window_lut(windows)
-        idx = hu.astype(np.int32) - _LUT_MIN
+        # int16 -> uint16 index hu + 32768 by flipping the sign bit: no int32 temporaries
+        idx = hu.view(np.uint16) ^ np.uint16(0x8000) if hu.dtype == np.int16 else hu.astype(np.int32) - _LUT_MIN
         out = np.stack([table[idx] for table in lut], axis=0)
     else:
         lo, hi = _bounds(windows)
