@@ -9,6 +9,7 @@ Modules mirror the workflow stages (Ramananda & Sundaresan, arXiv 2309.16627):
 - ``preprocess``   per-scan training cache (memory-mappable) and its inverse mapping
 - ``models``       ``resnet_lstm`` (classifier), ``unet`` (segmenter)
 - ``train``        the shared training loop (AMP, checkpoint/resume, early stopping)
+- ``distributed``  multi-GPU training in one allocation (DDP ranks started through torchrun)
 - ``classifier``   classifier data, training and slice probabilities
 - ``cam``          Grad-CAM / Grad-CAM++ through the LSTM
 - ``pseudomask``   CAM + intensity cues -> pseudo-masks

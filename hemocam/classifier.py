@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from hemocam import distributed as hd
 from hemocam.batch import run_batch
 from hemocam.io import InputError, read_tsv, write_tsv
 from hemocam.labelset import LABELS
@@ -436,11 +437,14 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         result = fit(model, train_loader(window, batch_size), val_loader, loss_fn=loss_fn,
                      evaluate_fn=evaluate_fn if val_loader else None, ckpt_dir=ckpt_dir, epochs=epochs,
                      lr=float(c["lr"]), weight_decay=float(c["weight_decay"]), patience=int(c["patience"]),
-                     amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"))
+                     amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"),
+                     find_unused_parameters=aux_w <= 0)  # DDP: the aux head is then unused
         h = pd.DataFrame(result["history"])
         h.insert(0, "stage", name)
         histories.append(h)
     history = pd.concat(histories, ignore_index=True)
+    if not hd.is_main():  # DDP: rank 0 evaluates and writes the outputs
+        return {"best_epoch": result["best_epoch"], "metrics": None, "history": history}
     write_tsv(history, history_out)
 
     eval_split = "test" if splits["test"] else ("val" if splits["val"] else "train")
@@ -456,7 +460,8 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         "labels": labels, "windows": ref["windows"], "channels": ref.get("channels"), "size": ref["size"],
         "skull_strip": ref.get("skull_strip"), "input_norm": norm, "tta": bool(c["tta"]),
         "config": {k: cfg[k] for k in ("seed", "preprocess", "classifier") if k in cfg},
-        "seed": seed, "epoch": int(result["best_epoch"]), "best_epoch": int(result["best_epoch"]),
+        "seed": seed, "world_size": hd.world_size(), "epoch": int(result["best_epoch"]),
+        "best_epoch": int(result["best_epoch"]),
         "best_score": result["best_score"], "monitor": monitor,
         "n_scans": {k: len(v) for k, v in splits.items()},
         "metrics": {"split": eval_split, **{r.label: {"auc": r.auc, "logloss": r.logloss} for r in table.itertuples()}},

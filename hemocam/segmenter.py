@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from hemocam import distributed as hd
 from hemocam.batch import run_batch
 from hemocam.io import InputError, atomic_path, load_nifti, read_tsv, save_nifti, write_tsv
 from hemocam.metrics import remove_small_components
@@ -352,6 +353,8 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
         seed=seed, device=dev, higher_is_better=True,
     )
+    if not hd.is_main():  # DDP: rank 0 writes the outputs
+        return result
     bundle = {
         "format": BUNDLE_FORMAT, "kind": "unet",
         "model": {"in_channels": model.in_channels, "encoder": sc["encoder"], "base": int(sc["base_channels"])},
@@ -359,7 +362,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         "arch": f"unet-{sc['encoder']}", "windows": tr[4], "size": int(tr[5]), "context": k,
         "input_scale": 1.0 / 255.0, "target": target, "config": {kk: v for kk, v in sc.items()},
         "threshold": float(sc["threshold"]), "min_component_voxels": int(sc["min_component_voxels"]),
-        "tta_flip": bool(sc["tta_flip"]), "versions": _versions(), "seed": seed,
+        "tta_flip": bool(sc["tta_flip"]), "versions": _versions(), "seed": seed, "world_size": hd.world_size(),
         "epoch": int(result["best_epoch"]), "best_score": result["best_score"],
         "train_scans": len(tr[0]), "val_scans": len(va[0]),
     }

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 from tqdm import tqdm
 
+from hemocam import distributed as hd
 from hemocam.io import atomic_path
 
 logger = logging.getLogger("hemocam")
@@ -96,6 +97,11 @@ class EpochSampler(Sampler):
     ``weights`` (one per item) turn it into sampling with replacement (oversampling), drawing
     ``num_samples`` items per epoch. Datasets used with it take ``(index, seed)`` and derive any
     randomness (augmentation, random crops) from ``seed``: reproducible and resume-invariant.
+
+    :meth:`set_shard` (called by :func:`fit` under DDP) gives rank ``r`` of ``w`` the positions
+    ``r, r + w, r + 2w, ...`` of the epoch's order, padded by wrapping around to a multiple of
+    ``w``: disjoint, equally long shares (equal batch counts, so no rank waits forever), and a
+    sample's seed stays that of its position in the whole epoch.
     """
 
     def __init__(self, n: int, shuffle: bool = True, seed: int = 0, weights=None, num_samples: int | None = None):
@@ -106,6 +112,12 @@ class EpochSampler(Sampler):
                 raise ValueError("weights must be n non-negative numbers with a positive sum")
         self.num_samples = int(num_samples) if num_samples is not None else self.n
         self.epoch = 0
+        self.rank, self.world = 0, 1
+
+    def set_shard(self, rank: int, world: int) -> None:
+        if not 0 <= int(rank) < int(world):
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        self.rank, self.world = int(rank), int(world)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -118,11 +130,16 @@ class EpochSampler(Sampler):
         return order[: self.num_samples] if self.num_samples <= self.n else np.resize(order, self.num_samples)
 
     def __iter__(self):
-        for pos, idx in enumerate(self.indices()):
-            yield int(idx), sample_seed(self.seed, self.epoch, pos)
+        if self.world == 1:
+            for pos, idx in enumerate(self.indices()):
+                yield int(idx), sample_seed(self.seed, self.epoch, pos)
+            return
+        order = self.indices()
+        for pos in range(self.rank, len(self) * self.world, self.world):
+            yield int(order[pos % len(order)]), sample_seed(self.seed, self.epoch, pos)
 
     def __len__(self):
-        return self.num_samples
+        return -(-self.num_samples // self.world)  # ceil: every rank gets as many
 
 
 def _worker_init(worker_id: int) -> None:
@@ -155,6 +172,8 @@ def make_loader(
     """
     device = torch.device(device)
     cpus = available_cpus()
+    if hd.world_size() > 1:  # the ranks of a DDP job share the allocation's CPUs
+        cpus = max(1, cpus // hd.world_size())
     workers = max(0, min(int(num_workers), cpus - 1 if cpus > 2 else cpus))
     cuda = device.type == "cuda"
     gen = torch.Generator()
@@ -318,6 +337,7 @@ def fit(
     grad_clip: float | None = 1.0,
     warmup_epochs: float = 1.0,
     progress: bool = True,
+    find_unused_parameters: bool = False,
 ) -> dict:
     """Train ``model`` with early stopping on the validation score; resume from ``ckpt_dir/last.pt``.
 
@@ -327,6 +347,15 @@ def fit(
     validation, the score is the negative training loss. Returns ``{"history": [...],
     "best_epoch", "best_score", "stopped_early", "best_path", "last_path"}`` with the best weights
     loaded into ``model``. Epochs are numbered from 1.
+
+    Under torch.distributed (several ranks, see :mod:`hemocam.distributed`): the model is wrapped
+    in DistributedDataParallel (``find_unused_parameters`` when some parameters may get no
+    gradient), the training sampler must be an :class:`EpochSampler` and is sharded over the
+    ranks (each takes ``batch_size`` per step: the effective batch is ``batch_size x world``),
+    the training loss is averaged over all ranks, rank 0 alone validates (the score goes to every
+    rank, so all take the same early-stopping decision) and writes checkpoints, logs and
+    progress, SIGTERM on any rank stops every rank at the same batch, and dropout draws from
+    (seed, epoch, rank). Every rank resumes from ``last.pt`` and ends with the best weights.
     """
     device = select_device(device)
     ckpt_dir = Path(ckpt_dir)
@@ -336,6 +365,15 @@ def fit(
     dtype = amp_dtype(device, amp)
     validate = evaluate_fn is not None and val_loader is not None
     sign = 1.0 if (higher_is_better or not validate) else -1.0
+    world, rank = hd.world_size(), hd.rank()
+    ddp, main = world > 1, rank == 0
+    if ddp:
+        sampler = getattr(train_loader, "sampler", None)
+        if not hasattr(sampler, "set_shard"):
+            raise ValueError("distributed training needs an EpochSampler as the training loader's sampler")
+        sampler.set_shard(rank, world)
+        if len(train_loader) == 0:
+            raise ValueError(f"distributed training: {len(sampler)} samples per rank make no full batch")
 
     model.to(device)
     if cuda:
@@ -363,25 +401,42 @@ def fit(
         # early stopping is final; reaching the epoch budget is not if the budget was raised
         stopped_early = bool(ck["stopped_early"])
         done = stopped_early or ck["epoch"] >= epochs
-        _emit(log, f"resuming from {last_path} after epoch {ck['epoch']} (best epoch {best_epoch})")
+        if main:
+            _emit(log, f"resuming from {last_path} after epoch {ck['epoch']} (best epoch {best_epoch})")
+
+    train_model = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # built after the resume: it broadcasts rank 0's weights, which all ranks loaded anyway
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else None
+        train_model = DistributedDataParallel(model, device_ids=ids,
+                                              find_unused_parameters=find_unused_parameters)
+        if main:
+            _emit(log, f"DDP: {world} ranks, {len(train_loader)} batches per rank per epoch "
+                       f"(effective batch {getattr(train_loader, 'batch_size', 0) or 0} x {world})")
 
     with _SigtermFlag() as sigterm:
         epoch = start_epoch
         while not done and epoch <= epochs:
             t0 = time.time()
             set_loader_epoch(train_loader, epoch)
+            if ddp:  # dropout differs between ranks, and a resumed run repeats it
+                torch.manual_seed(sample_seed(seed, epoch, 2**31 + rank))
             model.train()
             total_loss, n_batches = 0.0, 0
             bar = tqdm(
                 train_loader, desc=f"epoch {epoch}/{epochs}", file=sys.stderr, mininterval=30,
-                leave=False, disable=not progress, dynamic_ncols=False, ncols=100,
+                leave=False, disable=not progress or not main, dynamic_ncols=False, ncols=100,
             )
             try:
                 for batch in bar:
+                    if ddp and hd.any_rank(sigterm.hit, device):
+                        sigterm.hit = True  # every rank stops at the same batch
                     if sigterm.hit:
                         break
                     with autocast(device, dtype):
-                        loss = loss_fn(model, batch, device)
+                        loss = loss_fn(train_model, batch, device)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"epoch {epoch}: non-finite training loss {float(loss)}")
                     optimizer.zero_grad(set_to_none=True)
@@ -404,15 +459,23 @@ def fit(
                        f"from {last_path}")
                 logger.error(msg)
                 raise TrainingInterrupted(msg)
+            if ddp:
+                total_loss, n_batches = hd.all_sum([total_loss, n_batches], device)
             train_loss = total_loss / max(1, n_batches)
             metrics: dict = {}
             if validate:
-                model.eval()
-                with torch.no_grad(), autocast(device, dtype):
-                    score, metrics = evaluate_fn(model, val_loader, device)
-                score = _to_float(score)
+                if main:
+                    model.eval()
+                    with torch.no_grad(), autocast(device, dtype):
+                        score, metrics = evaluate_fn(model, val_loader, device)
+                    score = _to_float(score)
+                if ddp:
+                    score, metrics = hd.broadcast(
+                        (score, {k: _to_float(v) for k, v in metrics.items()}) if main else None)
             else:
                 score = -train_loss
+            if ddp and hd.any_rank(sigterm.hit, device):
+                sigterm.hit = True
             if sigterm.hit:
                 msg = f"interrupted by SIGTERM while validating epoch {epoch}; a rerun repeats it"
                 logger.error(msg)
@@ -420,7 +483,8 @@ def fit(
             improved = math.isfinite(score) and (best_score is None or sign * score > sign * best_score)
             if improved:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
-                save_checkpoint({"model": _cpu_state_dict(model), "epoch": epoch, "score": score}, best_path)
+                if main:
+                    save_checkpoint({"model": _cpu_state_dict(model), "epoch": epoch, "score": score}, best_path)
             else:
                 bad_epochs += 1
             row = {"epoch": epoch, "train_loss": train_loss, "val_score": score,
@@ -431,6 +495,9 @@ def fit(
             stop = validate and patience is not None and bad_epochs >= int(patience)
             done = stop or epoch >= epochs
             stopped_early = stop and epoch < epochs
+            if not main:
+                epoch += 1
+                continue
             save_checkpoint(
                 {"model": _cpu_state_dict(model), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
@@ -446,6 +513,9 @@ def fit(
                 _emit(log, f"early stopping after epoch {epoch}: best epoch {best_epoch} score {best_score:.4f}")
             epoch += 1
 
+    if ddp:
+        del train_model  # its hooks go with it: a later fit() may wrap the same model again
+        hd.barrier()  # rank 0 has written best.pt before any rank reads it
     if best_path.exists():
         model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     model.to(device)

@@ -1,12 +1,17 @@
-from hemocam import runlog
-from hemocam.segmenter import train_segmenter
+from hemocam import distributed, runlog
 
 runlog.start(snakemake.log[0], snakemake.threads)
-train_segmenter(
-    snakemake.params.config,
-    snakemake.input.scans,
-    snakemake.params.results,
-    target=snakemake.params.target,
-    bundle_out=snakemake.output.bundle,
-    history_out=snakemake.output.history,
+# more than one GPU for the job (resources gpu > 1): DDP ranks through torchrun
+distributed.train(
+    "segmenter",
+    dict(
+        cfg=snakemake.params.config,
+        scans_tsv=snakemake.input.scans,
+        results_dir=snakemake.params.results,
+        target=snakemake.params.target,
+        bundle_out=snakemake.output.bundle,
+        history_out=snakemake.output.history,
+    ),
+    gpus=getattr(snakemake.resources, "gpu", 0),
+    threads=snakemake.threads,
 )
