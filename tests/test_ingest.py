@@ -548,3 +548,32 @@ def test_physionet_layout(tmp_path):
     assert lab["epidural"].tolist() == [0, 0, 0, 1, 0, 0] and lab["any"].tolist() == [0, 0, 0, 1, 0, 0]
     mk = np.asanyarray(nib.load(str(res / "masks" / "049.nii.gz")).dataobj)
     assert mk.max() == 1 and mk[:, :, 3].sum() == 16
+
+
+def test_hu_checks_same_on_integer_and_float_input():
+    # the integer path (what dcm2niix output takes) and float input (scaled NIfTIs) agree
+    rng = np.random.default_rng(3)
+    vol = rng.integers(-1024, 1500, (40, 40, 6)).astype(np.int16)
+    vol[:4] = -3024  # out-of-field padding
+    for kw in ({}, {"pad_hu": -3024.0}, {"wrap": True}):
+        a, na = hu_mod.to_hu_int16(vol, "x", **kw)
+        b, nb = hu_mod.to_hu_int16(vol.astype(np.float64), "x", **kw)
+        assert a.dtype == b.dtype == np.int16 and np.array_equal(a, b) and na == nb
+        assert a.min() == -1024 and "padding -3024 HU -> -1024 (960 voxels)" in na
+    assert vol.min() == -3024  # not modified without overwrite=True
+    stored = (vol.astype(np.int32) + 3024).astype(np.uint16)  # unsigned storage + intercept
+    assert np.array_equal(hu_mod.to_hu_int16(hu_mod.scaled(stored, 1.0, -3024.0), "x")[0], a)
+    with pytest.raises(InputError, match="non-finite"):
+        hu_mod.to_hu_int16(np.full((2, 2, 2), np.nan), "x")
+    high = np.full((4, 4, 4), 30000, np.int16)
+    high[0] = -1024
+    with pytest.raises(InputError, match=r"75\.0% of voxels outside \[-1100, 3100\] HU \(values -1024\.\.30000\)"):
+        hu_mod.to_hu_int16(high, "x")
+
+
+def test_dcm2niix_scratch_on_tmpfs_only_with_room(tmp_path):
+    from hemocam.ingest.convert import scratch_dir
+
+    assert scratch_dir(0, shm=str(tmp_path)) == str(tmp_path)
+    assert scratch_dir(1 << 60, shm=str(tmp_path)) is None  # no room: the default temp dir
+    assert scratch_dir(0, shm=str(tmp_path / "missing")) is None

@@ -31,51 +31,86 @@ def repair_wrap(values: np.ndarray) -> int:
     Negative HU stored as 12-bit unsigned wrap to v + 4096 (air -1000 -> 3096); shifting by
     1000 brings every true value in [-1000, 3096) to [0, 4096), so x >= 4096 marks the wrapped.
     """
-    x = values + 1000
-    wrapped = x >= WRAP_MODULUS
-    n = int(wrapped.sum())
+    wrapped = values >= WRAP_MODULUS - 1000
+    n = int(np.count_nonzero(wrapped))
     if n:
-        values[wrapped] -= WRAP_MODULUS
+        np.subtract(values, WRAP_MODULUS, out=values, where=wrapped)
     return n
 
 
+def scaled(raw, slope=None, inter=None) -> np.ndarray:
+    """Stored values -> HU, integer when the scaling is (slope 1 or unset, integral intercept).
+
+    Integer HU keep the checks below on small integer arrays: applying a NIfTI's scl_inter
+    through nibabel gives float32/64 copies of the whole volume for nothing.
+    """
+    raw = np.asarray(raw)
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    if raw.dtype.kind in "iub" and slope == 1.0 and inter == int(inter):
+        k = int(inter)
+        if k == 0 or raw.size == 0:
+            return raw
+        fits = -32768 <= int(raw.min()) + k and int(raw.max()) + k <= 32767
+        return np.add(raw, k, dtype=np.int16 if fits else np.int32)
+    return raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+
+
 def to_hu_int16(values, name, hu_min=-1100, hu_max=3100, pad_hu=None, wrap=False,
-                max_outside=DEFAULT_MAX_OUTSIDE):
+                max_outside=DEFAULT_MAX_OUTSIDE, overwrite=False):
     """Checked int16 HU volume and notes from converted (scaled) ``values``.
 
     ``pad_hu``: PixelPaddingValue in HU when the header gives one. Raises InputError when more
     than ``max_outside`` of the non-padding voxels stay outside [hu_min, hu_max].
+    ``overwrite``: ``values`` may be modified in place (saves a copy of the volume).
+
+    The checks run on integer HU (float input is rounded first, as it is written), one min/max
+    pass and a count only where the range says some voxels may lie past a threshold: no float
+    copy of the volume, and a clean scan costs two reductions and the clip.
     """
-    v = np.asarray(values, dtype=np.float32).copy()
+    v = np.asarray(values)
+    if v.dtype.kind == "f":
+        if not np.isfinite(v).all():
+            raise InputError(f"{name}: non-finite voxel values")
+        v = np.clip(np.rint(v), -(2.0**31), 2.0**31 - 1).astype(np.int32)
+        overwrite = True
+    elif v.dtype.kind not in "iub":
+        raise InputError(f"{name}: voxel type {v.dtype} is not numeric")
+    lo, hi = int(v.min()), int(v.max())
+    work = np.int16 if -32768 <= lo and hi <= 32767 else np.int32
+    if v.dtype != work or not overwrite or not v.flags.writeable:
+        v = v.astype(work)
     notes = []
-    if not np.isfinite(v).all():
-        raise InputError(f"{name}: non-finite voxel values")
-    if wrap:
+    if wrap and hi >= WRAP_MODULUS - 1000:
         n = repair_wrap(v)
         if n:
             notes.append(f"12-bit wrap repaired ({n} voxels)")
+            lo, hi = int(v.min()), int(v.max())
+
+    def below(t):  # voxels < t, counted only when the range does not decide it
+        return 0 if t <= lo else v.size if t > hi else int(np.count_nonzero(v < int(np.ceil(t))))
+
+    def above(t):
+        return 0 if t >= hi else v.size if t < lo else int(np.count_nonzero(v > int(np.floor(t))))
+
     pads = [float(pad_hu)] if pad_hu is not None and np.isfinite(pad_hu) and pad_hu < AIR else []
-    vmin = float(v.min())
-    if vmin <= PADDING_MIN and np.count_nonzero(v == vmin) >= 0.005 * v.size:
-        pads.append(vmin)
-    if pads:
-        # padding and its blends with air (resampled volumes) lie in [pad, -1024): air, not outliers
-        low = v < min(pads)
-    else:
-        low = v < hu_min
-    high = v > hu_max
-    n_out = int(np.count_nonzero(low) + np.count_nonzero(high))
+    if lo <= PADDING_MIN and np.count_nonzero(v == lo) >= 0.005 * v.size:
+        pads.append(lo)
+    # padding and its blends with air (resampled volumes) lie in [pad, -1024): air, not outliers
+    n_out = below(min(pads) if pads else hu_min) + above(hu_max)
     frac = n_out / v.size
     if frac > max_outside:
         raise InputError(
             f"{name}: {frac:.1%} of voxels outside [{hu_min:g}, {hu_max:g}] HU "
-            f"(values {vmin:.0f}..{float(v.max()):.0f}{', after 12-bit wrap repair' if wrap else ''})"
+            f"(values {lo}..{hi}{', after 12-bit wrap repair' if wrap else ''})"
         )
-    body = v[v >= AIR] if pads else v
-    if body.size and np.count_nonzero(body < -900) == 0:
+    n_pad = below(AIR) if pads else 0
+    if v.size - n_pad and below(-900) - n_pad == 0:
         notes.append("no air (< -900 HU) in the volume: check rescale/intercept")
     if pads:
-        n_pad = int(np.count_nonzero(v < AIR))
         notes.append(f"padding {min(pads):.0f} HU -> {AIR} ({n_pad} voxels)")
-    np.clip(v, AIR, np.iinfo(np.int16).max, out=v)
-    return np.rint(v).astype(np.int16), notes
+    if lo < AIR:
+        np.maximum(v, AIR, out=v)
+    if hi > 32767:
+        np.minimum(v, 32767, out=v)
+    return v.astype(np.int16, copy=False), notes

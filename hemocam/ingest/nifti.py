@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 
 from hemocam.ingest.convert import check_affine
-from hemocam.ingest.hu import to_hu_int16
+from hemocam.ingest.hu import scaled, to_hu_int16
 from hemocam.io import InputError, save_nifti
 
 MAX_VOXEL_MM = 20.0
@@ -21,7 +21,9 @@ def convert_nifti(image_path, out_path, cfg: dict, name: str) -> dict:
     ing = cfg.get("ingest", {})
     try:
         img = nib.load(str(image_path))
-        data = np.asanyarray(img.dataobj)  # scl_slope/inter applied
+        raw = img.dataobj.get_unscaled()
+        owned = not isinstance(raw, np.memmap)  # a gzipped file is decoded into a fresh array
+        data = scaled(raw, img.dataobj.slope, img.dataobj.inter)  # integer HU when the scaling allows
     except Exception as exc:
         raise InputError(f"{image_path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
@@ -43,7 +45,7 @@ def convert_nifti(image_path, out_path, cfg: dict, name: str) -> dict:
         raise InputError(f"{image_path}: {data.shape[2]} slices < ingest.min_slices {min_slices}")
     hu, hu_notes = to_hu_int16(
         data, str(image_path), hu_min=float(ing.get("hu_min", -1100)), hu_max=float(ing.get("hu_max", 3100)),
-        max_outside=float(ing.get("max_outside_fraction", 0.01)),
+        max_outside=float(ing.get("max_outside_fraction", 0.01)), overwrite=owned or data is not raw,
     )
     save_nifti(hu, affine, out_path, dtype=np.int16)
     return {"affine": affine, "shape": hu.shape, "zooms": zooms, "notes": notes + hu_notes}
