@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,12 @@ def run_snakemake(workdir, *args, configfiles=(CPU_SMALL, TINY), config=(), core
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-5000:]}\n{proc.stderr[-15000:]}")
     return proc
+
+
+def dry_run_jobs(output: str) -> dict:
+    """Rule -> job count from a dry run's job table."""
+    table = output.split("Job stats:", 1)[-1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
 def file_texts(root):

@@ -10,15 +10,9 @@ import pandas as pd
 import pytest
 
 from hemocam.labelset import LABELS
-from conftest import CPU_SMALL, TINY, assert_no_markers, run_snakemake
+from conftest import CPU_SMALL, TINY, assert_no_markers, dry_run_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
-
-
-def _jobs(dry_run_output: str) -> dict:
-    """Rule -> job count from a dry run's job table."""
-    table = dry_run_output.split("Job stats:", 1)[-1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
 def test_every_series_is_accounted_for(demo_run):
@@ -85,7 +79,7 @@ def test_cam_parameter_reruns_only_what_follows(demo_run, tmp_path):
     overlay = tmp_path / "cam.yaml"
     overlay.write_text("cam:\n  method: gradcampp\n")
     out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    jobs = _jobs(out.stdout + out.stderr)
+    jobs = dry_run_jobs(out.stdout + out.stderr)
     assert jobs.get("cam_batch") and jobs.get("pseudomask_batch") and jobs.get("evaluate")
     for untouched in ("demo_cohort", "ingest_batch", "preprocess_batch", "train_classifier", "classify_batch"):
         assert untouched not in jobs, jobs

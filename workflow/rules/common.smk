@@ -41,6 +41,36 @@ def validate_samplesheet():
 if config["input"]["format"] == "samplesheet":
     validate_samplesheet()
 
+
+def user_config():
+    """What the user's --configfile files and --config set (the shipped defaults excluded)."""
+    import yaml
+    from snakemake.utils import update_config
+
+    shipped = Path(workflow.basedir, "config", "config.yaml").resolve()
+    own = {}
+    for path in workflow.overwrite_configfiles:
+        if Path(path).resolve() != shipped:
+            update_config(own, yaml.safe_load(Path(path).read_text()) or {})
+    update_config(own, workflow.config_settings.overwrite_config or {})
+    return own
+
+
+def adopt_bundles():
+    """Inference: preprocess new scans as the bundles were trained (hemocam.inference)."""
+    from hemocam.inference import BundleMismatch, adopt_bundle_settings
+
+    try:
+        changed = adopt_bundle_settings(config, user_config(), config["model"])
+    except BundleMismatch as exc:
+        raise WorkflowError(f"hemocam: {exc}") from None
+    for line in changed:
+        logger.info(f"hemocam: {line}")
+
+
+if config["model"]["classifier"] or config["model"]["segmenter"]:
+    adopt_bundles()
+
 R = "results"
 LOGS = "logs"
 BENCH = "logs/benchmarks"

@@ -1,0 +1,90 @@
+"""A new, unlabelled DICOM export segmented with the bundles of an earlier run (README recipe).
+
+The bundles come from the session's tiny demo run; the new cohort is generated fresh with
+another seed, and only its DICOM folder is given (no labels, no masks).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from conftest import CPU_SMALL, TINY, dry_run_jobs, run_snakemake
+from hemocam.labelset import LABELS
+from hemocam.phantom import generate_cohort
+
+pytestmark = pytest.mark.workflow
+
+TRAINING_RULES = ("train_classifier", "train_segmenter", "pseudomask_batch", "demo_cohort", "evaluate")
+
+
+def _overlay(path, export, demo_run, extra=""):
+    path.write_text(
+        "input:\n  format: dicom\n"
+        f"  path: {export}\n"
+        '  masks: ""\n'
+        "model:\n"
+        f"  classifier: {demo_run / 'results/classifier/model.pt'}\n"
+        f"  segmenter: {demo_run / 'results/segmenter/model.pt'}\n" + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def new_cohort(demo_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("new_export")
+    truth = generate_cohort(root / "gen", n_scans=3, matrix=48, n_slices=16, seed=77, quirks=False)
+    export = root / "gen" / "dicom"  # the DICOM tree only: labels.csv and truth stay outside
+    overlay = _overlay(root / "new.yaml", export, demo_run)
+    return {"root": root, "export": export, "overlay": overlay, "truth": truth, "workdir": root / "run"}
+
+
+def test_inference_dag_has_no_training(new_cohort):
+    out = run_snakemake(new_cohort["workdir"], "-n", configfiles=(CPU_SMALL, TINY, new_cohort["overlay"]))
+    jobs = dry_run_jobs(out.stdout + out.stderr)
+    assert jobs.get("ingest_batch") and jobs.get("preprocess_batch") and jobs.get("segment_batch"), jobs
+    assert not set(TRAINING_RULES) & set(jobs), jobs
+
+
+def test_new_cohort_is_segmented_with_volumes(new_cohort, demo_run):
+    wd = new_cohort["workdir"]
+    run_snakemake(wd, configfiles=(CPU_SMALL, TINY, new_cohort["overlay"]))
+    scans = pd.read_csv(wd / "results/scans.tsv", sep="\t", dtype=str, keep_default_na=False)
+    ok = sorted(scans.loc[scans["status"] == "ok", "scan_id"])
+    assert len(ok) == 3
+    for sid in ok:
+        for rel in (f"segmentation/{sid}.nii.gz", f"segmentation/{sid}_prob.nii.gz", f"cam/{sid}.nii.gz",
+                    f"classifier/slices/{sid}.tsv"):
+            assert (wd / "results" / rel).exists(), rel
+    assert not (wd / "results/classifier/model.pt").exists() and not (wd / "results/segmenter/model.pt").exists()
+    assert not (wd / "results/labels").exists() or not any((wd / "results/labels").iterdir())
+    vol = pd.read_csv(wd / "results/volumes.tsv", sep="\t")
+    assert sorted(vol["scan_id"]) == ok
+    assert {"volume_ml", "lesions", "largest_ml", "abc2_ml", *(f"p_{lab}" for lab in LABELS)} <= set(vol.columns)
+    assert vol["p_any"].between(0, 1).all() and (vol["volume_ml"] >= 0).all()
+    # inputs untouched, and a second run has nothing to do
+    again = run_snakemake(wd, "-n", configfiles=(CPU_SMALL, TINY, new_cohort["overlay"]))
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_bundle_settings_are_used_when_the_config_leaves_them_default(new_cohort, tmp_path):
+    # no preset: the shipped default size (256) would apply; the bundle's 48 is used instead
+    out = run_snakemake(tmp_path / "wd", "-n", configfiles=(new_cohort["overlay"],))
+    assert "preprocess.size: 256 -> 48 (from model.classifier)" in out.stdout + out.stderr
+
+
+def test_config_that_contradicts_the_bundle_is_refused(new_cohort, demo_run, tmp_path):
+    overlay = _overlay(tmp_path / "bad.yaml", new_cohort["export"], demo_run, "preprocess:\n  size: 64\n")
+    out = run_snakemake(tmp_path / "wd", "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "preprocess.size is set to 64" in text and "model.classifier" in text and "48" in text, text[-3000:]
+
+
+def test_missing_bundle_is_refused_naming_the_key(new_cohort, tmp_path):
+    overlay = tmp_path / "missing.yaml"
+    overlay.write_text(f"input:\n  format: dicom\n  path: {new_cohort['export']}\nmodel:\n  classifier: nowhere/model.pt\n"
+                       "  segmenter: nowhere/seg.pt\n")
+    out = run_snakemake(tmp_path / "wd", "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
+    assert out.returncode != 0
+    assert "model.classifier: no bundle at nowhere/model.pt" in out.stdout + out.stderr
