@@ -6,11 +6,11 @@ What is compared (same machine, same run, same files):
   the generated cohort (hemocam.phantom.generate_cohort, quirks off): it sorts the files into
   series and writes one gzipped NIfTI (+ JSON sidecar) per series. ``-z y`` is what a user
   gets by default (pigz when installed, else dcm2niix's internal zlib); the pipeline's outputs
-  are gzipped too (nibabel, zlib).
+  are gzipped too (zlib level 1, hemocam.io.save_nifti).
 - hemocam: ``snakemake --cores N ingest`` from an empty results folder: workflow parse, the
   cohort plan (every DICOM header is indexed before the DAG is built), the batched
   ``ingest_batch`` jobs (per series: dcm2niix ``-z n`` on symlinks in a private folder, HU
-  checks and repair, nibabel write of the int16 HU volume, slice labels from labels.csv) and
+  checks and repair, gzipped write of the int16 HU volume, slice labels from labels.csv) and
   ``scans.tsv``. Ground-truth masks are switched off (``input.masks: ''``) so both sides write
   the CT volumes only (plus hemocam's small label TSVs).
 - the same work without Snakemake, in one process (``plan_cohort`` + ``ingest_batch``): what
