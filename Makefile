@@ -16,6 +16,7 @@ $(BIN)/.hemocam-installed: requirements.txt pyproject.toml
 
 demo: $(BIN)/.hemocam-installed
 	$(BIN)/snakemake --cores $(CORES) --configfile $(PRESET)
+	$(BIN)/snakemake --configfile $(PRESET) --report report.html
 
 test: $(BIN)/.hemocam-installed
 	$(BIN)/python -m pytest tests
