@@ -9,8 +9,9 @@ What is compared (same machine, same run, same files):
   are gzipped too (zlib level 1, hemocam.io.save_nifti).
 - hemocam: ``snakemake --cores N ingest`` from an empty results folder: workflow parse, the
   cohort plan (every DICOM header is indexed before the DAG is built), the batched
-  ``ingest_batch`` jobs (per series: dcm2niix ``-z n`` on symlinks in a private folder, HU
-  checks and repair, gzipped write of the int16 HU volume, slice labels from labels.csv) and
+  ``ingest_batch`` jobs (dcm2niix ``-z n`` once per batch on symlinks in a private folder, one
+  subfolder per series; per series: HU checks and repair, gzipped write of the int16 HU volume,
+  slice labels from labels.csv) and
   ``scans.tsv``. Ground-truth masks are switched off (``input.masks: ''``) so both sides write
   the CT volumes only (plus hemocam's small label TSVs).
 - the same work without Snakemake, in one process (``plan_cohort`` + ``ingest_batch``): what

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -363,6 +364,143 @@ def test_dcm2niix_messages_are_scrubbed():
     text = "Chris Rorden's dcm2niiX\nWarning: name Doe^Jane in 12345\nsome path /x/Jane\nConvert 3 DICOM"
     out = scrub(text, ["Doe^Jane", "Jane", "12345"])
     assert "Jane" not in out and "12345" not in out and "Rorden" not in out and "Convert 3 DICOM" in out
+
+
+# ----------------------------------------------------------------------------- batched dcm2niix
+
+
+def spy_dcm2niix(monkeypatch, batched=True):
+    """Count dcm2niix calls: ``series`` (one per series), ``batch`` (series per batched call).
+
+    ``batched=False``: the batched call converts nothing, so every series gets its own call (the
+    conversion as it was before batching). ``workdirs``: every batched call's scratch tree
+    (relative paths), listed before it is removed.
+    """
+    from hemocam.ingest import convert as cv, ingest as ing
+
+    calls = {"series": 0, "batch": [], "workdirs": []}
+    monkeypatch.undo()  # an earlier spy of the same test is replaced, not wrapped
+    real_one, real_batch = cv.run_dcm2niix, cv.run_dcm2niix_batch
+
+    def one(*args, **kwargs):
+        calls["series"] += 1
+        return real_one(*args, **kwargs)
+
+    def batch(series, workdir, *args, **kwargs):
+        calls["batch"].append(len(series))
+        out = real_batch(series, workdir, *args, **kwargs) if batched else ({}, "", "off in this test")
+        names = sorted(str(q.relative_to(workdir)) for q in Path(workdir).rglob("*"))
+        calls["workdirs"].append((Path(workdir).name, names))
+        return out
+
+    monkeypatch.setattr(cv, "run_dcm2niix", one)
+    monkeypatch.setattr(ing, "run_dcm2niix_batch", batch)
+    return calls
+
+
+def same_results(a: Path, b: Path):
+    """Byte-identical scans.tsv, manifests, NIfTIs and label tables in two results folders."""
+
+    def outputs(root):  # everything but the planning cache, plus the batch manifests
+        files = [q for q in root.rglob("*") if q.is_file() and q.relative_to(root).parts[0] != "ingest"]
+        return sorted(str(q.relative_to(root)) for q in files + list((root / "ingest" / "batches").glob("*.tsv")))
+
+    files = outputs(a)
+    assert files == outputs(b) and len(files) > 2
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_batched_dcm2niix_gives_the_per_series_outputs(tmp_path, monkeypatch):
+    rng = np.random.default_rng(11)
+    write_series(tmp_path / "dicom", n=8, rng=rng)
+    write_series(tmp_path / "dicom", positions=[0, 2, 4, 6, 8, 14, 16, 18, 20, 22], rng=rng)  # _Eq volume
+    write_series(tmp_path / "dicom", n=6, z0=200, wrap=True, rng=rng)
+    short = write_series(tmp_path / "other", n=9, z0=400, padding=-2000, rng=rng)
+    Path(short["path"][4]).write_bytes(Path(short["path"][4]).read_bytes()[:-100])  # dropped with a note
+    cfg = cfg_for(tmp_path, fmt="dicom")
+    calls = spy_dcm2niix(monkeypatch)
+    plan, table = run_all(cfg, tmp_path / "batched")
+    assert calls["batch"] == [4] and calls["series"] == 0  # one dcm2niix call for the four series
+    assert (table["status"] == "ok").all() and len(table) == 4
+    notes = " | ".join(table["notes"])
+    for text in ("resampled to even spacing by dcm2niix", "12-bit wrap repaired", "dropped 1 truncated file(s)",
+                 "padding -2000"):
+        assert text in notes
+
+    single = spy_dcm2niix(monkeypatch, batched=False)
+    run_all(cfg, tmp_path / "single")
+    assert single["series"] == 4
+    same_results(tmp_path / "batched", tmp_path / "single")
+
+
+def test_one_broken_series_in_a_batch_keeps_its_own_reason(tmp_path, monkeypatch):
+    rng = np.random.default_rng(12)
+    write_series(tmp_path / "dicom", n=6, rng=rng)
+    write_series(tmp_path / "dicom", n=7, z0=100, rng=rng)
+    broken = write_series(tmp_path / "dicom", n=6, z0=200, rng=rng)
+    for path in broken["path"]:  # JPEG lossless that is no JPEG: planned fine, dcm2niix cannot decode it
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + bytes(100) + b"\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, enforce_file_format=True)
+    cfg = cfg_for(tmp_path / "dicom", fmt="dicom")
+    plan = plan_cohort(cfg, tmp_path / "p")
+    assert (plan.scans["status"] == "ok").all() and len(plan.scans) == 3
+    calls = spy_dcm2niix(monkeypatch)
+    _, table = run_all(cfg, tmp_path / "batched")
+    # the batched call fails: each series then gets its own call, and its own outcome
+    assert calls["batch"] == [3] and calls["series"] == 3
+    st = table.set_index("scan_id")["status"]
+    assert sorted(st) == ["ok", "ok", "rejected"]
+    reason = table.loc[table["status"] == "rejected", "reason"].iloc[0]
+    assert "dcm2niix failed (exit" in reason and "JPEG" in reason
+    single = spy_dcm2niix(monkeypatch, batched=False)
+    run_all(cfg, tmp_path / "single")
+    same_results(tmp_path / "batched", tmp_path / "single")
+
+    # a series broken after planning (files truncated below min_slices) is rejected before the
+    # batched call, naming its file; the others still share one call
+    rng = np.random.default_rng(14)
+    for z0 in (0, 100, 200):
+        write_series(tmp_path / "later", n=6, z0=z0, rng=rng)
+    cfg = cfg_for(tmp_path / "later", fmt="dicom")
+    res = tmp_path / "later_res"
+    plan = plan_cohort(cfg, res / "ingest")
+    ids = sorted(plan.scans["scan_id"])
+    victims = sorted(plan.files.loc[plan.files["scan_id"] == ids[1], "path"])[:2]
+    for v in victims:
+        Path(v).write_bytes(Path(v).read_bytes()[:-300])
+    write_batch_plans(plan, {"c0000": ids}, res / "ingest" / "plan")
+    calls = spy_dcm2niix(monkeypatch)
+    man = ingest_batch(res / "ingest" / "plan" / "c0000.tsv", cfg, res, res / "ingest" / "batches" / "c0000.tsv")
+    assert calls["batch"] == [2] and calls["series"] == 0
+    by = man.set_index("scan_id")
+    assert list(by["status"]) == ["ok", "rejected", "ok"]
+    assert by.loc[ids[1], "reason"] == (f"ingest: {victims[0]}: truncated or without pixel data; 4 usable slices "
+                                        "remain (< ingest.min_slices 5)")
+
+
+def test_batched_scratch_names_carry_nothing_from_the_headers(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="hemocam")
+    rng = np.random.default_rng(13)
+    a = write_series(tmp_path / "dicom" / "PHIMARKERNAME_folder", n=6, rng=rng)
+    b = write_series(tmp_path / "dicom" / "PHIMARKERNAME_folder", n=6, z0=100, rng=rng, patient="PHIMARKERID2")
+    calls = spy_dcm2niix(monkeypatch)
+    _, table = run_all(cfg_for(tmp_path / "dicom", fmt="dicom"), tmp_path / "res")
+    assert (table["status"] == "ok").all() and calls["batch"] == [2] and calls["series"] == 0
+    (root, names), = calls["workdirs"]
+    assert root.startswith("hemocam-d2n-batch-")
+    pattern = re.compile(r"(in|out)(/\d{6}(/s\d{6}_\d{6}\.dcm)?|/s\d{6}_\d{6}\.dcm(_\w+)?\.(nii|json))?")
+    assert names and all(pattern.fullmatch(n) for n in names), names
+    uids = {str(pydicom.dcmread(r["path"][0], stop_before_pixels=True).SeriesInstanceUID) for r in (a, b)}
+    sops = {Path(p).stem for p in pd.concat([a, b])["path"]}
+    assert not any(x in n for n in names for x in [*MARKERS, *uids, *sops, "ID_", "19700101"])
+    # the log of the call: scan ids, no identifying value, no date
+    batch_log = [r.getMessage() for r in caplog.records if "series in one call" in r.getMessage()]
+    assert batch_log and all(f"scan {sid}" in batch_log[0] for sid in table["scan_id"])
+    assert not any(m in caplog.text for m in [*MARKERS, "PHIMARKERID2", "19700101"])
 
 
 # ----------------------------------------------------------------------------- masks

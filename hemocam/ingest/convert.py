@@ -6,6 +6,14 @@ name (which may carry a patient name) reaches dcm2niix's messages. dcm2niix's ou
 filtered to warnings and errors and scrubbed of the series' identifying header values before it
 is logged. Its sidecar and header texts are discarded: the NIfTI is rewritten from the array and
 affine alone.
+
+``run_dcm2niix_batch`` converts many series in one dcm2niix call (one process start instead of
+one per series: most of dcm2niix's cost on small series): one subfolder per series, named by
+its index, converted folder by folder (``-a y``), symlinks named ``s<series>_<file>.dcm`` and
+``-f %b`` so every output name starts with its series' index. A series' outputs are used only
+when they are exactly what a call on that series alone gives (one volume from all of its
+files); anything else is converted on its own by ``run_dcm2niix`` as before, so notes and
+reasons stay per series. Dates dcm2niix prints (it compares studies) are scrubbed as well.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import pydicom
 
 from hemocam.ingest.hu import scaled, to_hu_int16, wrap_fault
 from hemocam.ingest.index import quiet_pydicom
-from hemocam.ingest.series import slice_normals
 from hemocam.io import InputError, save_nifti
 
 log = logging.getLogger("hemocam")
@@ -47,6 +54,12 @@ _VARIANTS = (("tilt_eq", re.compile(r"^_Tilt_Eq_\d+$")), ("tilt", re.compile(r"^
 _IGNORED = re.compile(r"^_ROI\d+$")  # overlay planes stored as extra images
 _KEEP_LINE = re.compile(r"warning|error|convert |gantry|tilt|interslice|missing|slices", re.I)
 SPACING_TOL = 0.10  # relative spread of slice gaps still called regular
+# dates and date-times (YYYYMMDD[HHMMSS][.ffffff]) dcm2niix prints when it compares studies
+_DATE = re.compile(r"(?<![\d.])(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
+                   r"(?:[0-2]\d[0-5]\d[0-5]\d)?(?:\.\d+)?(?!\d)")
+_CONVERT = re.compile(r"^Convert (\d+) DICOM as (.+) \(\d+(?:x\d+)*\)\s*$", re.M)
+_BATCH_NAME = re.compile(r"s(\d{6})_\d{6}\.dcm")
+DCM2NIIX_OPTS = ["-g", "i", "-z", "n", "-b", "y", "-ba", "y"]  # the same for one series or many
 
 
 @lru_cache(maxsize=1)
@@ -101,9 +114,15 @@ def scrub(text: str, phi: list[str]) -> str:
     """Only dcm2niix's warning/error/summary lines, with identifying values replaced."""
     lines = [ln for ln in text.splitlines() if _KEEP_LINE.search(ln)]
     out = "\n".join(lines)
+    # ASCII value and text: one whose lower case is not in the text cannot match (saves hundreds
+    # of regex passes over a batched call's log); otherwise it is tried, as re.I folds more
+    low = out.lower() if out.isascii() else None
     for value in phi:
+        if low is not None and value.isascii() and value.lower() not in low:
+            continue
         out = re.sub(re.escape(value), "[removed]", out, flags=re.I)
-    return out
+        low = out.lower() if out.isascii() else None
+    return _DATE.sub("[date removed]", out)
 
 
 def scratch_dir(series_bytes: int, shm="/dev/shm") -> str | None:
@@ -129,7 +148,7 @@ def run_dcm2niix(paths: list[str], workdir: Path, phi: list[str]) -> tuple[list[
     dst.mkdir()
     for i, p in enumerate(paths):
         os.symlink(os.path.abspath(p), src / f"{i:06d}.dcm")
-    cmd = [find_dcm2niix(), "-g", "i", "-z", "n", "-b", "y", "-ba", "y", "-f", "vol", "-o", str(dst),
+    cmd = [find_dcm2niix(), *DCM2NIIX_OPTS, "-f", "vol", "-o", str(dst),
            "-d", "0", "-i", "n", "-m", "2", "-l", "o", "-x", "n", "-w", "1", str(src)]
     env = {**os.environ, "HOME": str(workdir)}  # no user defaults file is read or written
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=600)
@@ -142,6 +161,73 @@ def run_dcm2niix(paths: list[str], workdir: Path, phi: list[str]) -> tuple[list[
     if not outputs:
         raise InputError(f"{where}: dcm2niix wrote no volume: {tail}")
     return outputs, text
+
+
+def run_dcm2niix_batch(series: list[list[str]], workdir: Path, phi: list[str],
+                       names: list[str] | None = None) -> tuple[dict, str, str]:
+    """Convert several series (lists of files) in one dcm2niix call in ``workdir``.
+
+    Returns (``{index: (NIfTI files, stem)}`` for the series whose outputs are exactly those of
+    a call on that series alone, scrubbed log, why the others are not taken). A series is taken
+    when dcm2niix reports one volume for it, made of all of its files, and its files pick one
+    volume (``pick_output``). ``names``: what the log calls each series (scan ids).
+    """
+    src, dst = workdir / "in", workdir / "out"
+    src.mkdir()
+    dst.mkdir()
+    for k, paths in enumerate(series):
+        folder = src / f"{k:06d}"  # index names only: nothing from the header or the input path
+        folder.mkdir()
+        for i, p in enumerate(paths):
+            os.symlink(os.path.abspath(p), folder / f"s{k:06d}_{i:06d}.dcm")
+    # -a y: "images from same series always in same folder": each subfolder is sorted and
+    # converted on its own, as in a call on that folder alone. Without it, '-m 2' (which
+    # ignores the Series Instance UID) stacks series of other studies when their dates match
+    # or are missing (anonymised archives): they would all fall back to their own calls.
+    cmd = [find_dcm2niix(), *DCM2NIIX_OPTS, "-a", "y", "-f", "%b", "-o", str(dst),
+           "-d", "1", "-i", "n", "-m", "2", "-l", "o", "-x", "n", "-w", "1", str(src)]
+    env = {**os.environ, "HOME": str(workdir)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=600)
+    raw = proc.stdout + "\n" + proc.stderr
+    if names is not None:  # "Convert 28 DICOM as scan <id> (...)" instead of the scratch path
+        raw = re.sub(r"\S*s(\d{6})_\d{6}\.dcm\b",
+                     lambda m: f"scan {names[int(m.group(1))]}" if int(m.group(1)) < len(names) else m.group(0), raw)
+    text = scrub(raw, phi)
+    if proc.returncode != 0:
+        return {}, text, f"the call failed (exit {proc.returncode})"
+    volumes: dict[int, list[tuple[int, str]]] = {}
+    for m in _CONVERT.finditer(proc.stdout):
+        base = os.path.basename(m.group(2))
+        key = _BATCH_NAME.fullmatch(base)
+        if not key:
+            return {}, text, f"unexpected output name {base!r}"
+        volumes.setdefault(int(key.group(1)), []).append((int(m.group(1)), base))
+    files: dict[int, list[Path]] = {}
+    for f in dst.glob("*.nii"):
+        key = _BATCH_NAME.match(f.name)
+        if not key:
+            return {}, text, f"unexpected output name {f.name!r}"
+        files.setdefault(int(key.group(1)), []).append(f)
+    if any(k >= len(series) for k in (*volumes, *files)):
+        return {}, text, "output of an unknown series"
+    taken, left = {}, []
+    for k, paths in enumerate(series):
+        conv = volumes.get(k, [])
+        if len(conv) != 1 or conv[0][0] != len(paths):
+            left.append(k)
+            continue
+        stem = conv[0][1]
+        mine = sorted(files.get(k, []))
+        if not mine or any(not f.name.startswith(stem) for f in mine):
+            left.append(k)
+            continue
+        try:
+            pick_output(mine, stem)
+        except InputError:  # its reason names the outputs: the call on the series alone gives it
+            left.append(k)
+            continue
+        taken[k] = (mine, stem)
+    return taken, text, f"{len(left)} series not converted as on their own" if left else ""
 
 
 def pick_output(files: list[Path], stem: str = "vol") -> tuple[Path, str]:
@@ -167,11 +253,16 @@ def pick_output(files: list[Path], stem: str = "vol") -> tuple[Path, str]:
     raise InputError("dcm2niix wrote no volume")
 
 
+def _columns(rows: pd.DataFrame, names) -> np.ndarray:
+    """``rows[names].to_numpy(float)`` without building the sub-frame (per scan, it adds up)."""
+    return np.column_stack([rows[c].to_numpy(float) for c in names]) if len(rows) else np.empty((0, len(names)))
+
+
 def slice_centres_ras(rows: pd.DataFrame) -> np.ndarray:
     """World (RAS) centre of each DICOM slice: IPP is the first pixel's centre, in LPS."""
-    ipp = rows[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float)
-    r = rows[["iop_0", "iop_1", "iop_2"]].to_numpy(float)
-    c = rows[["iop_3", "iop_4", "iop_5"]].to_numpy(float)
+    ipp = _columns(rows, ["ipp_0", "ipp_1", "ipp_2"])
+    r = _columns(rows, ["iop_0", "iop_1", "iop_2"])
+    c = _columns(rows, ["iop_3", "iop_4", "iop_5"])
     # PixelSpacing = (row spacing, column spacing); along a row (direction r) steps are columns
     dcol = rows["pixel_spacing_col"].to_numpy(float)[:, None]
     drow = rows["pixel_spacing_row"].to_numpy(float)[:, None]
@@ -197,22 +288,23 @@ def check_affine(affine, name):
 
 
 def _gaps(rows: pd.DataFrame) -> np.ndarray:
-    n = slice_normals(rows)[0]
-    pos = np.sort(rows[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float) @ n)
+    r, c = _columns(rows, ["iop_0", "iop_1", "iop_2"]), _columns(rows, ["iop_3", "iop_4", "iop_5"])
+    n = np.cross(r, c)  # as series.slice_normals
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = (n / np.linalg.norm(n, axis=1, keepdims=True))[0]
+    pos = np.sort(_columns(rows, ["ipp_0", "ipp_1", "ipp_2"]) @ n)
     return np.diff(pos)
 
 
-def convert_series(files: pd.DataFrame, scan_id: str, out_path, cfg: dict) -> dict:
-    """Convert the series given by its index rows ``files``; write ``out_path`` (int16 HU).
+def usable_rows(files: pd.DataFrame, scan_id: str, cfg: dict) -> tuple[pd.DataFrame, list, list]:
+    """(files dcm2niix converts, files dropped, notes) of a series' index rows; InputError if none.
 
-    Returns dict(affine, shape, zooms, notes, rows) where ``rows`` are the files actually
-    converted (for label mapping). Truncated or pixel-less files are dropped with a note when
-    the remaining slices still make a valid volume; otherwise the scan is rejected naming them.
+    Duplicate SOP instances are dropped, and truncated or pixel-less files with a note when the
+    remaining slices still make a valid volume; otherwise the scan is rejected naming them.
     """
-    ing = cfg.get("ingest", {})
-    min_slices = int(ing.get("min_slices", 1))
-    name = f"scan {scan_id}"
-    files = files.drop_duplicates("sop_uid", keep="first")
+    min_slices = int(cfg.get("ingest", {}).get("min_slices", 1))
+    if not files["sop_uid"].is_unique:
+        files = files.drop_duplicates("sop_uid", keep="first")
     usable = files["readable"] & files["has_pixels"] & ~files["truncated"]
     bad = files.loc[~usable, "path"].tolist()
     rows = files[usable].copy()
@@ -224,29 +316,52 @@ def convert_series(files: pd.DataFrame, scan_id: str, out_path, cfg: dict) -> di
                              f"(< ingest.min_slices {min_slices})")
         notes.append(f"dropped {len(bad)} truncated file(s): {shown}")
     if rows.empty:
-        raise InputError(f"{name}: no usable DICOM file")
+        raise InputError(f"scan {scan_id}: no usable DICOM file")
+    return rows, bad, notes
+
+
+def convert_series(files: pd.DataFrame, scan_id: str, out_path, cfg: dict, converted=None, usable=None) -> dict:
+    """Convert the series given by its index rows ``files``; write ``out_path`` (int16 HU).
+
+    Returns dict(affine, shape, zooms, notes, rows) where ``rows`` are the files actually
+    converted (for label mapping). Truncated or pixel-less files are dropped with a note when
+    the remaining slices still make a valid volume; otherwise the scan is rejected naming them.
+    ``converted``: (paths, NIfTI files, stem) of a batched dcm2niix call (``run_dcm2niix_batch``),
+    used when its paths are exactly the files converted here; otherwise dcm2niix runs on the
+    series alone. ``usable``: ``usable_rows(files, scan_id, cfg)`` when already made.
+    """
+    ing = cfg.get("ingest", {})
+    min_slices = int(ing.get("min_slices", 1))
+    name = f"scan {scan_id}"
+    rows, bad, notes = usable if usable is not None else usable_rows(files, scan_id, cfg)
+    notes = list(notes)
     gaps = _gaps(rows)
     irregular = gaps.size > 1 and (gaps.max() - gaps.min()) > SPACING_TOL * max(np.median(gaps), 1e-6)
-    first = rows.iloc[0]
-    phi = phi_values(first["path"])
-    size = int(rows["file_size"].sum()) if "file_size" in rows else 0
-    tmp_root = Path(tempfile.mkdtemp(prefix="hemocam-d2n-", dir=scratch_dir(size)))
-    try:
-        outputs, text = run_dcm2niix(rows["path"].tolist(), tmp_root, phi)
-        if text:
-            log.info("dcm2niix %s:\n%s", scan_id, text)
-        chosen, kind = pick_output(outputs)
+
+    def volume(outputs, stem):
+        chosen, kind = pick_output(outputs, stem)
         if irregular and kind == "plain":
             where = ", ".join(os.path.basename(p) for p in bad) if bad else "the series"
             raise InputError(f"{bad[0] if bad else name}: uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm) "
                              f"after dropping {where}, and dcm2niix did not resample it")
         img = nib.load(str(chosen))
         # stored values + scl_slope/inter ourselves: integer HU, read once into memory we own
-        data = scaled(np.array(img.dataobj.get_unscaled()), img.dataobj.slope, img.dataobj.inter)
-        affine = img.affine.copy()
-        del img
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        return (scaled(np.array(img.dataobj.get_unscaled()), img.dataobj.slope, img.dataobj.inter),
+                img.affine.copy(), kind)
+
+    if converted is not None and list(converted[0]) == rows["path"].tolist():
+        data, affine, kind = volume(converted[1], converted[2])
+    else:
+        phi = phi_values(rows["path"].iat[0])
+        size = int(rows["file_size"].sum()) if "file_size" in rows else 0
+        tmp_root = Path(tempfile.mkdtemp(prefix="hemocam-d2n-", dir=scratch_dir(size)))
+        try:
+            outputs, text = run_dcm2niix(rows["path"].tolist(), tmp_root, phi)
+            if text:
+                log.info("dcm2niix %s:\n%s", scan_id, text)
+            data, affine, kind = volume(outputs, "vol")
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -258,13 +373,15 @@ def convert_series(files: pd.DataFrame, scan_id: str, out_path, cfg: dict) -> di
                       "eq": "uneven slice spacing resampled to even spacing by dcm2niix"}[kind])
     if data.shape[2] < min_slices:
         raise InputError(f"{name}: {data.shape[2]} slices < ingest.min_slices {min_slices}")
-    wrap = rows.apply(lambda r: wrap_fault(r["bits_stored"], r["pixel_representation"], r["rescale_intercept"]),
-                      axis=1)
+    wrap = np.array([wrap_fault(b, p, i) for b, p, i in zip(rows["bits_stored"].tolist(),
+                                                           rows["pixel_representation"].tolist(),
+                                                           rows["rescale_intercept"].tolist())], dtype=bool)
     if wrap.any() and not wrap.all():
         notes.append(f"12-bit wrap signature in {int(wrap.sum())} of {len(wrap)} files")
     pad_hu = None
     pad = rows["pixel_padding_value"].dropna()
     if len(pad):
+        first = rows.iloc[0]
         slope = float(first["rescale_slope"]) if pd.notna(first["rescale_slope"]) else 1.0
         inter = float(first["rescale_intercept"]) if pd.notna(first["rescale_intercept"]) else 0.0
         pad_hu = float(pad.iloc[0]) * slope + inter

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import shutil
+import tempfile
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -12,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from hemocam.batch import run_batch
-from hemocam.ingest.convert import convert_series, slice_centres_ras
+from hemocam.ingest.convert import (
+    convert_series, phi_values, run_dcm2niix_batch, scratch_dir, slice_centres_ras, usable_rows,
+)
 from hemocam.ingest.index import quiet_pydicom, read_header
 from hemocam.ingest.labels import (
     map_dicom_labels, read_physionet_labels, read_rsna_labels, read_sheet_labels, slice_table,
@@ -25,6 +30,10 @@ from hemocam.io import InputError, save_nifti, write_tsv
 log = logging.getLogger("hemocam")
 
 MANIFEST_COLUMNS = ["n_slices", "spacing_x", "spacing_y", "spacing_z", "source", "notes"]
+# one dcm2niix call converts at most this much DICOM (its uncompressed volumes wait in the
+# scratch folder, in memory on tmpfs, until their scans are written)
+CHUNK_BYTES = 256 << 20
+CHUNK_SERIES = 1000
 
 
 def output_paths(results_dir, scan_id) -> dict:
@@ -55,14 +64,124 @@ def _context(batch_plan_path: str, cfg_json: str):
     return plan, labels, labels_path
 
 
-def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: str) -> dict:
-    """Convert one planned scan; returns its manifest columns (raises InputError to reject)."""
+@lru_cache(maxsize=2)
+def _scan_rows(batch_plan_path: str, cfg_json: str) -> dict:
+    """Each scan's rows of the batch plan (``plan[plan["scan_id"] == scan_id]``), split once."""
+    plan = _context(batch_plan_path, cfg_json)[0]
+    return {sid: rows for sid, rows in plan.groupby("scan_id", sort=False)}
+
+
+class BatchConversion:
+    """The DICOM series of a batch converted in few dcm2niix calls (``run_dcm2niix_batch``).
+
+    The batch's series are cut, in plan order, into chunks of at most ``CHUNK_BYTES`` of DICOM.
+    A chunk is converted when its first scan is asked for (``prepared``), in one call, and its
+    scratch folder removed when the next chunk starts (or at ``close``): the scans are
+    ingested in plan order, so each chunk is converted once. Per scan it keeps the files as
+    re-checked just before the call (``refresh_changed``) and, when the call gave exactly what
+    a call on the series alone gives, its outputs; every other series is converted on its own
+    by ``convert_series`` as before. ``frozen`` (after ``convert_all``): nothing more is
+    converted, for worker processes that inherit the object.
+    """
+
+    def __init__(self, scan_rows: dict, scan_ids: list, cfg: dict):
+        self.cfg = cfg
+        self.rows = {}  # the DICOM files of each planned scan, as ingest_scan selects them
+        for sid, rows in scan_rows.items():
+            files = rows[rows["path"] != ""]
+            if rows["status"].iloc[0] == "ok" and len(files):
+                self.rows[sid] = files
+        self.chunks, size, count = [[]], 0, 0
+        for sid in scan_ids:
+            if sid not in self.rows:
+                continue
+            nbytes = int(self.rows[sid]["file_size"].sum())
+            if self.chunks[-1] and (size + nbytes > CHUNK_BYTES or count >= CHUNK_SERIES):
+                self.chunks.append([])
+                size, count = 0, 0
+            self.chunks[-1].append(sid)
+            size, count = size + nbytes, count + 1
+        self.chunk_of = {sid: j for j, chunk in enumerate(self.chunks) for sid in chunk}
+        self.current, self.scratch, self.ready, self.frozen = None, None, {}, False
+
+    def prepared(self, scan_id: str):
+        """(files, changed, usable rows, converted) of a scan, converting its chunk if needed; or None."""
+        j = self.chunk_of.get(scan_id)
+        if j is None:
+            return None
+        if j != self.current and not self.frozen:
+            self._convert(j)
+        return self.ready.get(scan_id)
+
+    def convert_all(self) -> bool:
+        """Convert the whole batch now (one chunk only); True when done."""
+        if len(self.chunks) != 1 or not self.chunks[0]:
+            return False
+        self._convert(0)
+        self.frozen = True
+        return True
+
+    def _convert(self, j: int):
+        self.close()
+        self.current = j
+        todo = []  # (scan_id, paths) dcm2niix gets
+        for sid in self.chunks[j]:
+            try:
+                files, changed = refresh_changed(self.rows[sid])
+            except Exception:  # ingest_scan meets it again and rejects the scan with it
+                continue
+            self.ready[sid] = (files, changed, None, None)
+            try:
+                usable = usable_rows(files, sid, self.cfg)
+            except Exception:  # rejected by convert_series with its reason
+                continue
+            self.ready[sid] = (files, changed, usable, None)
+            todo.append((sid, usable[0]["path"].tolist(), usable[0]["file_size"].sum()))
+        if len(todo) < 2:  # one series: its own call, as before
+            return
+        size = int(sum(t[2] for t in todo))
+        try:
+            self.scratch = Path(tempfile.mkdtemp(prefix="hemocam-d2n-batch-", dir=scratch_dir(size)))
+            phi = sorted({v for _, paths, _ in todo for v in phi_values(paths[0])}, key=len, reverse=True)
+            taken, text, why = run_dcm2niix_batch([t[1] for t in todo], self.scratch, phi,
+                                                  names=[t[0] for t in todo])
+        except Exception as exc:  # each series then gets its own call, and its own reason
+            log.warning("dcm2niix on %d series in one call failed (%s: %s); converting them one by one",
+                        len(todo), type(exc).__name__, exc)
+            return
+        if text:
+            log.info("dcm2niix, %d series in one call:\n%s", len(todo), text)
+        if why:
+            log.info("dcm2niix, %d series in one call: %s; those are converted one by one", len(todo), why)
+        for k, (sid, paths, _) in enumerate(todo):
+            if k in taken:
+                files, changed, usable, _ = self.ready[sid]
+                self.ready[sid] = (files, changed, usable, (paths, *taken[k]))
+
+    def close(self):
+        """Remove the current chunk's scratch folder (its volumes have been read)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.current, self.scratch, self.ready = None, None, {}
+
+
+_CONVERSIONS: dict[str, BatchConversion] = {}  # ingest_batch's conversion, by key, in this process
+_KEYS = itertools.count()
+
+
+def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: str,
+                conversion: str | None = None) -> dict:
+    """Convert one planned scan; returns its manifest columns (raises InputError to reject).
+
+    ``conversion``: key of the batch's ``BatchConversion`` in this process, if any.
+    """
     cfg = json.loads(cfg_json)
     plan, labels, labels_path = _context(batch_plan_path, cfg_json)
-    rows = plan[plan["scan_id"] == scan_id]
+    rows = _scan_rows(batch_plan_path, cfg_json).get(scan_id, plan.iloc[:0])
     if rows.empty:
         raise InputError(f"scan {scan_id}: not in batch plan {batch_plan_path}")
-    head = rows.iloc[0]
+    # the scan's columns (its first row; rows.iloc[0] would build a Series of every column)
+    head = {c: rows[c].iat[0] for c in ("status", "reason", "notes", "image", "format", "source", "mask")}
     if head["status"] != "ok":
         raise InputError(head["reason"] or "rejected in the plan")
     out = output_paths(results_dir, scan_id)
@@ -70,12 +189,17 @@ def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: 
     notes = [head["notes"]] if head["notes"] else []
     written = []
     try:
-        files = rows[rows["path"] != ""]
+        batch = _CONVERSIONS.get(conversion) if conversion is not None else None
+        ready = batch.prepared(scan_id) if batch is not None else None  # DICOM series of the batch
+        files = ready[0] if ready is not None else rows[rows["path"] != ""]
         if len(files):  # DICOM series (rsna, dicom, samplesheet folder)
-            files, changed = refresh_changed(files)
+            if ready is not None:  # re-checked just before its chunk's dcm2niix call
+                files, changed, usable, converted = ready
+            else:
+                (files, changed), usable, converted = refresh_changed(files), None, None
             if changed:
                 notes.append(f"{changed} file(s) changed since planning (headers re-read)")
-            info = convert_series(files, scan_id, out["nifti"], cfg)
+            info = convert_series(files, scan_id, out["nifti"], cfg, converted=converted, usable=usable)
         elif head["image"]:  # NIfTI (physionet, samplesheet)
             info = convert_nifti(head["image"], out["nifti"], cfg, name)
         else:
@@ -164,8 +288,22 @@ def ingest_batch(batch_plan_path, cfg: dict, results_dir, manifest_out, threads:
     batch_plan_path = str(batch_plan_path)
     plan, _, _ = _context(batch_plan_path, cfg_json)  # parsed here, inherited by forked workers
     scan_ids = list(dict.fromkeys(plan["scan_id"]))
-    fn = partial(ingest_scan, batch_plan_path=batch_plan_path, cfg_json=cfg_json, results_dir=str(results_dir))
-    df = run_batch("ingest", scan_ids, fn, manifest_out, processes=max(1, int(threads or 1)))
+    processes = max(1, int(threads or 1))
+    # DICOM series: one dcm2niix call per chunk of the batch instead of one per series. Worker
+    # processes cannot share the chunk order, so with processes the batch is converted up front
+    # when it is one chunk, else each series on its own as before.
+    batch = BatchConversion(_scan_rows(batch_plan_path, cfg_json), scan_ids, cfg)
+    key = None
+    if processes == 1 or (len(scan_ids) > 1 and batch.convert_all()):
+        key = f"{os.getpid()}-{next(_KEYS)}"
+        _CONVERSIONS[key] = batch
+    fn = partial(ingest_scan, batch_plan_path=batch_plan_path, cfg_json=cfg_json, results_dir=str(results_dir),
+                 conversion=key)
+    try:
+        df = run_batch("ingest", scan_ids, fn, manifest_out, processes=processes)
+    finally:
+        _CONVERSIONS.pop(key, None)
+        batch.close()
     missing = [c for c in MANIFEST_COLUMNS if c not in df]
     rejected = bool((df["status"] != "ok").any())
     if missing or rejected:
