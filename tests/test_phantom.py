@@ -134,7 +134,9 @@ def test_lesion_densities_and_places():
 def test_strict_subtypes_that_cannot_show():
     with pytest.raises(ValueError, match="intraventricular"):
         make_scan(1, matrix=32, n_slices=6, subtypes=["intraventricular"])
-    s = make_scan(1, matrix=32, n_slices=6, subtypes=["intraventricular"], strict=False)
+    # 64 px: on a 32 px grid (7.6 mm pixels) the replacement (a subdural) blurs into the skull
+    # and the truth rightly leaves it unmarked (visible_code)
+    s = make_scan(1, matrix=64, n_slices=6, subtypes=["intraventricular"], strict=False)
     assert s["mask"].any()  # replaced by a lesion that the slices do cover
 
 
@@ -398,3 +400,20 @@ def test_dcm2niix_tilt_volume(dicom_cohort, tmp_path):
     phantom = render_axial_series(plan, MATRIX, N_SLICES, 5.0)["phantom"]
     _, _, tissue = render_grid(phantom, img.affine, img.shape)
     assert ((hu > -500) == (tissue != T["air"])).mean() > 0.95
+
+
+def test_truth_leaves_blood_merged_into_bone_unmarked():
+    """Masks and labels claim only blood the image shows: a thin subdural's voxels that the
+    scanner blur merges into the skull read as bone and are not marked (no reader could)."""
+    from hemocam.phantom.scan import BONE_PV_HU, render_grid, sample_phantom, scanner_blur, visible_code
+
+    phantom = sample_phantom(5, n_slices=28, subtypes=["subdural"])
+    clean, code, _ = render_grid(phantom, axial_affine(phantom, 96), (96, 96, 28))
+    blurred = scanner_blur(clean, phantom.scanner)
+    shown = visible_code(code, blurred)
+    hidden = (code > 0) & (shown == 0)
+    assert hidden.any() and (shown > 0).any()  # the rim next to the skull goes, the collection stays
+    assert (blurred[hidden] > BONE_PV_HU).all() and (blurred[shown > 0] <= BONE_PV_HU).all()
+    s = make_scan(5, matrix=96, n_slices=28, subtypes=["subdural"])
+    assert np.array_equal(s["mask"], shown)
+    assert s["slice_labels"]["any"].tolist() == [int(shown[:, :, k].any()) for k in range(28)]

@@ -22,7 +22,8 @@ from .anatomy import render_anatomy
 from .cohort import opaque_id, plan_subtypes, scan_seed
 from .dicom import (RAS_FROM_LPS, STORAGES, Identity, SeriesInfo, ct_slice_dataset, localizer_dataset, lps_affine,
                     lenient_uids, secondary_capture_dataset, truncate_in_pixel_data, write_dataset)
-from .scan import Phantom, rng_streams, apply_scanner, pixel_spacing, render_grid, render_scan, sample_phantom
+from .scan import (Phantom, add_noise, pixel_spacing, render_grid, render_scan, rng_streams, sample_phantom, scanner_blur,
+                   visible_code)
 
 QUIRKS = ("localizer", "shuffled_instance", "mixed_storage", "rescale_wrap", "gantry_tilt", "truncated",
           "secondary_capture", "fov_padding")
@@ -181,11 +182,14 @@ def render_axial_series(plan: ScanPlan, matrix: int, n_slices: int, thickness: f
         ipps, row, col, d, step = _tilted_geometry(phantom, matrix, tilt)
         aff = lps_affine(ipps[0], row, col, [0, 0, step], d)
         clean, code, _ = render_grid(phantom, aff, (matrix, matrix, n_slices))
-        hu = apply_scanner(clean, phantom.scanner, rng_streams(phantom.seed)[3])
+        blurred = scanner_blur(clean, phantom.scanner)
+        hu = add_noise(blurred, phantom.scanner, rng_streams(phantom.seed)[3])
         pixels = hu.transpose(1, 0, 2)  # [row, column, slice]
-        slice_code = code.transpose(1, 0, 2)
+        slice_code = visible_code(code, blurred).transpose(1, 0, 2)
         mask_aff, mask_shape = tilt_corrected_grid(ipps, row, col, d, phantom.slice_thickness, matrix)
-        _, mask_code, _ = render_grid(phantom, mask_aff, mask_shape)
+        mask_clean, mask_code, _ = render_grid(phantom, mask_aff, mask_shape)
+        # same spacing in-plane and ~ along the normal: the same blur decides what shows
+        mask_code = visible_code(mask_code, scanner_blur(mask_clean, phantom.scanner))
         iop = np.concatenate([row, col])
     else:
         tilt = 0.0

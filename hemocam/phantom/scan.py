@@ -151,15 +151,35 @@ def render_grid(phantom: Phantom, affine: np.ndarray, shape, chunk_voxels: int =
     return hu, code, tissue
 
 
-def apply_scanner(hu: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
-    """Point-spread blur, slice partial volume and correlated quantum noise; HU rounded."""
-    out = ndimage.gaussian_filter(hu, sigma=(scanner.psf_px, scanner.psf_px, scanner.z_blur), mode="nearest")
-    noise = rng.standard_normal(hu.shape, dtype=F32)
+# a voxel whose blurred value reads above this is bone (partial volume with the skull) to any
+# reader: blood there cannot be seen, so the truth does not mark it (the brain mask's strip level too)
+BONE_PV_HU = 130.0
+
+
+def scanner_blur(hu: np.ndarray, scanner: Scanner) -> np.ndarray:
+    """Point-spread blur and slice partial volume of a noise-free HU grid."""
+    return ndimage.gaussian_filter(hu, sigma=(scanner.psf_px, scanner.psf_px, scanner.z_blur), mode="nearest")
+
+
+def add_noise(blurred: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
+    """Correlated quantum noise on a blurred HU grid; HU rounded like a scanner."""
+    noise = rng.standard_normal(blurred.shape, dtype=F32)
     # filtered back-projection noise is spatially correlated: smooth then restore the level
     noise = ndimage.gaussian_filter(noise, sigma=(0.6, 0.6, 0), mode="wrap")
     noise *= F32(scanner.noise_hu) / (noise.std() + F32(1e-6))
-    out += noise
-    return np.clip(np.rint(out), -1024, 3071).astype(F32)
+    return np.clip(np.rint(blurred + noise), -1024, 3071).astype(F32)
+
+
+def apply_scanner(hu: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
+    """Point-spread blur, slice partial volume and correlated quantum noise; HU rounded."""
+    return add_noise(scanner_blur(hu, scanner), scanner, rng)
+
+
+def visible_code(code: np.ndarray, blurred: np.ndarray) -> np.ndarray:
+    """The truth as a reader can mark it: blood voxels that the scanner's blur merges into the
+    skull (thin extra-axial collections on a coarse grid) read as bone and are left unmarked,
+    so masks and slice labels only claim blood the image shows."""
+    return np.where(blurred <= F32(BONE_PV_HU), code, 0).astype(np.uint8)
 
 
 def slice_labels_from_mask(code: np.ndarray) -> pd.DataFrame:
@@ -179,7 +199,9 @@ def render_scan(phantom: Phantom, matrix: int) -> dict:
     shape = (matrix, matrix, len(phantom.slice_z))
     affine = axial_affine(phantom, matrix)
     clean, code, tissue = render_grid(phantom, affine, shape)
-    hu = apply_scanner(clean, phantom.scanner, r_noise)
+    blurred = scanner_blur(clean, phantom.scanner)
+    hu = add_noise(blurred, phantom.scanner, r_noise)
+    code = visible_code(code, blurred)
     d = pixel_spacing(phantom.scanner, matrix)
     return {
         "hu": hu,
