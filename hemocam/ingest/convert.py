@@ -35,6 +35,7 @@ import pydicom
 
 from hemocam.ingest.hu import scaled, to_hu_int16, wrap_fault
 from hemocam.ingest.index import quiet_pydicom
+from hemocam.ingest.series import slice_normals
 from hemocam.io import InputError, save_nifti
 
 log = logging.getLogger("hemocam")
@@ -253,16 +254,11 @@ def pick_output(files: list[Path], stem: str = "vol") -> tuple[Path, str]:
     raise InputError("dcm2niix wrote no volume")
 
 
-def _columns(rows: pd.DataFrame, names) -> np.ndarray:
-    """``rows[names].to_numpy(float)`` without building the sub-frame (per scan, it adds up)."""
-    return np.column_stack([rows[c].to_numpy(float) for c in names]) if len(rows) else np.empty((0, len(names)))
-
-
 def slice_centres_ras(rows: pd.DataFrame) -> np.ndarray:
     """World (RAS) centre of each DICOM slice: IPP is the first pixel's centre, in LPS."""
-    ipp = _columns(rows, ["ipp_0", "ipp_1", "ipp_2"])
-    r = _columns(rows, ["iop_0", "iop_1", "iop_2"])
-    c = _columns(rows, ["iop_3", "iop_4", "iop_5"])
+    ipp = rows[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float)
+    r = rows[["iop_0", "iop_1", "iop_2"]].to_numpy(float)
+    c = rows[["iop_3", "iop_4", "iop_5"]].to_numpy(float)
     # PixelSpacing = (row spacing, column spacing); along a row (direction r) steps are columns
     dcol = rows["pixel_spacing_col"].to_numpy(float)[:, None]
     drow = rows["pixel_spacing_row"].to_numpy(float)[:, None]
@@ -288,11 +284,8 @@ def check_affine(affine, name):
 
 
 def _gaps(rows: pd.DataFrame) -> np.ndarray:
-    r, c = _columns(rows, ["iop_0", "iop_1", "iop_2"]), _columns(rows, ["iop_3", "iop_4", "iop_5"])
-    n = np.cross(r, c)  # as series.slice_normals
-    with np.errstate(invalid="ignore", divide="ignore"):
-        n = (n / np.linalg.norm(n, axis=1, keepdims=True))[0]
-    pos = np.sort(_columns(rows, ["ipp_0", "ipp_1", "ipp_2"]) @ n)
+    n = slice_normals(rows)[0]
+    pos = np.sort(rows[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float) @ n)
     return np.diff(pos)
 
 
