@@ -8,7 +8,7 @@ import pytest
 from hemocam import pseudomask as pm
 from hemocam.io import InputError, load_nifti, read_tsv, save_nifti, write_tsv
 
-CFG = {"cam_threshold": 0.3, "hu_min": 45, "hu_max": 95, "refine": "kmeans", "n_clusters": 3,
+CFG = {"cam_threshold": 0.3, "hu_min": 45, "hu_max": 95, "refine": "kmeans", "n_clusters": 3, "cam_mode": "region",
        "min_component_voxels": 5, "prob_threshold": 0.5, "fill_holes": True}
 
 
