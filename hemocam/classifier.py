@@ -33,7 +33,7 @@ from hemocam.io import InputError, read_tsv, write_tsv
 from hemocam.labelset import LABELS
 from hemocam.models.resnet_lstm import ResNetLSTM, load_bundle, save_bundle
 from hemocam.preprocess import cache_paths, load_cache
-from hemocam.train import EpochSampler, amp_dtype, autocast, fit, make_loader, seed_everything, select_device
+from hemocam.train import EpochSampler, amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device
 
 log = logging.getLogger("hemocam")
 
@@ -430,6 +430,8 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         stages.append(("slices", 1, int(c["slice_batch_size"]), int(c["slice_epochs"])))
     stages.append(("scans", int(c["window"]), int(c["batch_size"]), int(c["epochs"])))
     ckpt_root = results_dir / "classifier" / "checkpoints"
+    inputs = [f for sid in splits["train"] + splits["val"]
+              for f in (*cache_paths(results_dir, sid), results_dir / "labels" / f"{sid}.tsv")]
     histories = []
     for name, window, batch_size, epochs in stages:
         ckpt_dir = ckpt_root / name if len(stages) > 1 else ckpt_root
@@ -438,7 +440,8 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
                      evaluate_fn=evaluate_fn if val_loader else None, ckpt_dir=ckpt_dir, epochs=epochs,
                      lr=float(c["lr"]), weight_decay=float(c["weight_decay"]), patience=int(c["patience"]),
                      amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"),
-                     find_unused_parameters=aux_w <= 0)  # DDP: the aux head is then unused
+                     find_unused_parameters=aux_w <= 0,  # DDP: the aux head is then unused
+                     run_key=run_key({"classifier": c, "seed": seed, "stage": name, "splits": splits}, inputs))
         h = pd.DataFrame(result["history"])
         h.insert(0, "stage", name)
         histories.append(h)

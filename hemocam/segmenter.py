@@ -35,7 +35,7 @@ from hemocam.io import InputError, atomic_path, load_nifti, read_tsv, save_nifti
 from hemocam.metrics import remove_small_components
 from hemocam.models.unet import UNet, in_channels_for
 from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
-from hemocam.train import amp_dtype, autocast, fit, make_loader, seed_everything, select_device, EpochSampler
+from hemocam.train import amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device, EpochSampler
 
 log = logging.getLogger("hemocam")
 
@@ -293,6 +293,17 @@ def _load_split(scan_ids, results_dir, target, context, drop_unlabelled_misses: 
     return caches, targets, items, used, windows, size, n_ch
 
 
+def _training_inputs(results_dir, target, scan_ids) -> list[Path]:
+    """The files a training run reads: caches, targets and (where present) slice labels."""
+    R = Path(results_dir)
+    files = []
+    for sid in scan_ids:
+        files += [*cache_paths(R, sid), R / TARGETS[target] / f"{sid}.nii.gz"]
+        if (R / "labels" / f"{sid}.tsv").exists():
+            files.append(R / "labels" / f"{sid}.tsv")
+    return files
+
+
 def _versions():
     import platform
 
@@ -352,6 +363,8 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         ckpt_dir=bundle_out.parent / "checkpoints", epochs=int(sc["epochs"]), lr=float(sc["lr"]),
         weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
         seed=seed, device=dev, higher_is_better=True,
+        run_key=run_key({"segmenter": sc, "seed": seed, "target": target, "train": tr[3], "val": va[3]},
+                        _training_inputs(results_dir, target, tr[3] + va[3])),
     )
     if not hd.is_main():  # DDP: rank 0 writes the outputs
         return result

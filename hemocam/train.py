@@ -10,12 +10,17 @@ What it guarantees:
   last complete checkpoint and exits non-zero (143);
 - the epoch order and every sample's augmentation come from ``(seed, epoch, position)``, so a run
   resumed after an interruption makes the same choices as an uninterrupted one, and CPU runs are
-  deterministic from the seed.
+  deterministic from the seed;
+- a checkpoint resumes only the training that wrote it: ``fit(run_key=...)`` (see :func:`run_key`)
+  stores the settings and inputs it was given, and a rerun after they changed (new pseudo-masks,
+  another encoder) starts from scratch instead of continuing, or returning, the old model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -272,6 +277,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_key(settings: dict, files=(), ignore=("epochs", "patience", "num_workers")) -> str:
+    """Identity of a training run: its settings and the files it reads (name, size, mtime).
+
+    ``epochs`` and ``patience`` are left out so that raising the epoch budget continues a run;
+    ``num_workers`` does not change what is computed.
+    """
+    stats = []
+    for f in files:
+        st = os.stat(f)
+        stats.append((Path(f).name, st.st_size, st.st_mtime_ns))
+    kept = {k: v for k, v in settings.items() if k not in ignore}
+    blob = json.dumps([kept, sorted(stats)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def save_checkpoint(obj: dict, path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -338,6 +358,7 @@ def fit(
     warmup_epochs: float = 1.0,
     progress: bool = True,
     find_unused_parameters: bool = False,
+    run_key: str | None = None,
 ) -> dict:
     """Train ``model`` with early stopping on the validation score; resume from ``ckpt_dir/last.pt``.
 
@@ -346,7 +367,8 @@ def fit(
     ``torch.no_grad`` with ``model.eval()``). ``evaluate_fn=None`` or ``val_loader=None``: no
     validation, the score is the negative training loss. Returns ``{"history": [...],
     "best_epoch", "best_score", "stopped_early", "best_path", "last_path"}`` with the best weights
-    loaded into ``model``. Epochs are numbered from 1.
+    loaded into ``model``. Epochs are numbered from 1. ``run_key`` (:func:`run_key`): a checkpoint
+    written under another key is discarded and training starts from scratch.
 
     Under torch.distributed (several ranks, see :mod:`hemocam.distributed`): the model is wrapped
     in DistributedDataParallel (``find_unused_parameters`` when some parameters may get no
@@ -389,8 +411,14 @@ def fit(
 
     history: list[dict] = []
     start_epoch, best_score, best_epoch, bad_epochs, done, stopped_early = 1, None, 0, 0, False, False
-    if last_path.exists():
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+    ck = torch.load(last_path, map_location="cpu", weights_only=False) if last_path.exists() else None
+    if ck is not None and run_key is not None and ck.get("run_key") != run_key:
+        if main:
+            _emit(log, f"{last_path} was written by a training with other settings or inputs: starting from scratch")
+        for p in (last_path, best_path):
+            p.unlink(missing_ok=True)
+        ck = None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -502,7 +530,7 @@ def fit(
                 {"model": _cpu_state_dict(model), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                  "rng": _rng_state(), "history": history, "best_score": best_score,
-                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "stopped_early": stop},
+                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "stopped_early": stop, "run_key": run_key},
                 last_path,
             )
             extra = " ".join(f"{k}={_to_float(v):.4g}" for k, v in metrics.items())

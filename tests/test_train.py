@@ -128,3 +128,39 @@ def test_loader_and_sampler():
     assert [i for i, _ in w] == [0] * 5
     with pytest.raises(ValueError):
         EpochSampler(3, weights=[0, 0, 0])
+
+
+def test_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
+    def keyed(key, run, epochs=4):
+        seed_everything(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        ds = Toy()
+        tl = make_loader(ds, 8, True, 0, 0, "cpu", sampler=EpochSampler(len(ds), True, 0))
+        return fit(model, tl, make_loader(ds, 16, False, 0, 0, "cpu"), loss_fn=run.loss, evaluate_fn=run.evaluate,
+                   ckpt_dir=tmp_path / "k", epochs=epochs, lr=1e-2, weight_decay=0, patience=10, amp=False, seed=0,
+                   device="cpu", progress=False, run_key=key)
+
+    first = keyed("a", Run())
+    again = Run()
+    keyed("a", again)
+    assert again.calls == 0  # same run, finished: nothing to do
+    other = Run()
+    res = keyed("b", other)  # settings or inputs changed: the old weights are not reused
+    assert other.calls == 4 * 6 and [h["epoch"] for h in res["history"]] == [1, 2, 3, 4]
+    assert _losses(res) == _losses(first)  # a fresh start (same seed, same data here)
+    assert torch.load(tmp_path / "k" / "last.pt", weights_only=False)["run_key"] == "b"
+    more = Run()
+    keyed("b", more, epochs=5)  # a raised epoch budget continues the same run
+    assert more.calls == 6
+
+
+def test_run_key_follows_settings_and_inputs(tmp_path):
+    from hemocam.train import run_key
+
+    f = tmp_path / "cache.npy"
+    f.write_bytes(b"x" * 10)
+    base = run_key({"lr": 1e-3, "epochs": 5}, [f])
+    assert run_key({"lr": 1e-3, "epochs": 9, "num_workers": 4}, [f]) == base  # budget and workers left out
+    assert run_key({"lr": 2e-3, "epochs": 5}, [f]) != base
+    f.write_bytes(b"y" * 11)  # a regenerated input
+    assert run_key({"lr": 1e-3, "epochs": 5}, [f]) != base
