@@ -441,7 +441,7 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
                      lr=float(c["lr"]), weight_decay=float(c["weight_decay"]), patience=int(c["patience"]),
                      amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"),
                      find_unused_parameters=aux_w <= 0,  # DDP: the aux head is then unused
-                     run_key=run_key({"classifier": c, "seed": seed, "stage": name, "splits": splits}, inputs))
+                     run_key=run_key({**c, "seed": seed, "stage": name, "splits": splits}, inputs))
         h = pd.DataFrame(result["history"])
         h.insert(0, "stage", name)
         histories.append(h)

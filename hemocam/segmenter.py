@@ -363,7 +363,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         ckpt_dir=bundle_out.parent / "checkpoints", epochs=int(sc["epochs"]), lr=float(sc["lr"]),
         weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
         seed=seed, device=dev, higher_is_better=True,
-        run_key=run_key({"segmenter": sc, "seed": seed, "target": target, "train": tr[3], "val": va[3]},
+        run_key=run_key({**sc, "seed": seed, "target": target, "train": tr[3], "val": va[3]},
                         _training_inputs(results_dir, target, tr[3] + va[3])),
     )
     if not hd.is_main():  # DDP: rank 0 writes the outputs

@@ -278,10 +278,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def run_key(settings: dict, files=(), ignore=("epochs", "patience", "num_workers")) -> str:
-    """Identity of a training run: its settings and the files it reads (name, size, mtime).
+    """Identity of a training run: its settings (a flat dict) and the files it reads (name, size,
+    mtime).
 
-    ``epochs`` and ``patience`` are left out so that raising the epoch budget continues a run;
-    ``num_workers`` does not change what is computed.
+    The top-level ``ignore`` keys are left out: ``epochs`` and ``patience`` so that raising the
+    epoch budget continues a run; ``num_workers`` does not change what is computed.
     """
     stats = []
     for f in files:

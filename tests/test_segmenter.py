@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import numpy as np
@@ -112,6 +113,30 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
         assert np.allclose(aff, aff3) and np.allclose(aff2, aff3)
         assert 0 <= prob.min() and prob.max() <= 1
         assert not (mask.astype(bool) & ~brain.astype(bool)).any()
+
+    # a raised epoch budget continues this training; regenerated inputs start a new one
+    counted = {"n": 0}
+
+    def counting(dice_weight):
+        inner = real(dice_weight)
+
+        def loss_fn(model, batch, device):
+            counted["n"] += 1
+            return inner(model, batch, device)
+
+        return loss_fn
+
+    monkeypatch.setattr(seg, "_loss_fn", counting)
+    cfg3 = {"seed": 1, "segmenter": {**SEG, "epochs": 3, "patience": 10}}
+    seg.train_segmenter(cfg3, R / "scans.tsv", R, "pseudomask", bundle, hist)
+    assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 2  # epoch 3 only
+    train_id = next(s for s, sp in zip(scans["scan_id"], scans["split"]) if sp == "train")
+    target = R / "pseudomask" / f"{train_id}.nii.gz"
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as if rewritten by a rerun
+    counted["n"] = 0
+    seg.train_segmenter(cfg3, R / "scans.tsv", R, "pseudomask", bundle, hist)
+    assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 6  # all three epochs again
 
 
 def test_groundtruth_target_and_missing_targets(cohort, tmp_path):
