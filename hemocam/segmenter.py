@@ -99,9 +99,13 @@ def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(255.0)
 
 
+def target_path(scan_id: str, results_dir, target: str) -> Path:
+    return Path(results_dir) / TARGETS[target] / f"{scan_id}.nii.gz"
+
+
 def load_target(scan_id: str, results_dir, target: str, meta: dict) -> np.ndarray:
     """(Z, S, S) uint8 0/1 target in the cache frame."""
-    path = Path(results_dir) / TARGETS[target] / f"{scan_id}.nii.gz"
+    path = target_path(scan_id, results_dir, target)
     if not path.exists():
         raise InputError(f"{path}: missing {target} mask")
     arr, _ = load_nifti(path)
@@ -298,7 +302,7 @@ def _training_inputs(results_dir, target, scan_ids) -> list[Path]:
     R = Path(results_dir)
     files = []
     for sid in scan_ids:
-        files += [*cache_paths(R, sid), R / TARGETS[target] / f"{sid}.nii.gz"]
+        files += [*cache_paths(R, sid), target_path(sid, R, target)]
         if (R / "labels" / f"{sid}.tsv").exists():
             files.append(R / "labels" / f"{sid}.tsv")
     return files

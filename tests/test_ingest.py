@@ -715,3 +715,20 @@ def test_dcm2niix_scratch_on_tmpfs_only_with_room(tmp_path):
     assert scratch_dir(0, shm=str(tmp_path)) == str(tmp_path)
     assert scratch_dir(1 << 60, shm=str(tmp_path)) is None  # no room: the default temp dir
     assert scratch_dir(0, shm=str(tmp_path / "missing")) is None
+
+
+def test_index_reads_every_attribute_it_uses(tmp_path, monkeypatch):
+    # read_header asks pydicom for _INDEX_TAGS only: a row must equal the one of a full read
+    rows = write_series(tmp_path / "s", n=3, padding=-2000)
+    for path in rows["path"]:
+        ds = pydicom.dcmread(path)
+        ds.GantryDetectorTilt, ds.NumberOfFrames = "12.5", 1
+        ds.save_as(path)
+    size = {p: os.path.getsize(p) for p in rows["path"]}
+    fast = [ix.read_header(p, size[p]) for p in rows["path"]]
+    full_read = pydicom.dcmread
+    monkeypatch.setattr(ix.pydicom, "dcmread", lambda *a, specific_tags=None, **k: full_read(*a, **k))
+    full = [ix.read_header(p, size[p]) for p in rows["path"]]
+    assert fast == full
+    assert fast[0]["gantry_tilt"] == 12.5 and fast[0]["pixel_padding_value"] == -2000
+    assert fast[0]["patient_key"] == "pid:PHIMARKERID" and fast[0]["bits_stored"] == 16
