@@ -74,7 +74,7 @@ def setup(work: Path, preset: str, n_scans: int, matrix: int, n_slices: int) -> 
     torch.manual_seed(0)
     c = cfg["classifier"]
     model = ResNetLSTM(c["arch"], in_channels=len(windows), n_labels=len(LABELS), lstm_hidden=int(c["lstm_hidden"]),
-                       lstm_layers=int(c["lstm_layers"]))
+                       lstm_layers=int(c["lstm_layers"]), encoder_stride=int(c.get("encoder_stride", 32)))
     save_bundle(work / "classifier.pt", model, {"labels": list(LABELS), "windows": windows, "size": size,
                                                 "input_norm": input_norm(len(windows)), "tta": True})
     sc = seg_cfg(cfg["segmenter"])

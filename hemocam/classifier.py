@@ -45,7 +45,8 @@ DEFAULTS = {"arch": "resnet34", "pretrained": "", "labels": list(LABELS), "lstm_
             "window": 0, "epochs": 30, "batch_size": 4, "lr": 3e-4, "weight_decay": 1e-4, "patience": 6,
             "num_workers": 8, "amp": True, "dropout": 0.3, "monitor": "auc_any", "pos_weight": "sqrt",
             "oversample_positive": 1.0, "tta": True, "aux_weight": 0.5,
-            "slice_epochs": 0, "slice_batch_size": 32, "augment": AUG_DEFAULTS}
+            "slice_epochs": 0, "slice_batch_size": 32, "freeze_encoder": False, "encoder_stride": 32,
+            "augment": AUG_DEFAULTS}
 
 
 def classifier_config(cfg: dict) -> dict:
@@ -394,7 +395,8 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         log.warning("classifier: no validation scans: training for all epochs, keeping the last")
 
     model = ResNetLSTM(c["arch"], in_channels=n_channels, n_labels=len(labels), lstm_hidden=c["lstm_hidden"],
-                       lstm_layers=c["lstm_layers"], dropout=c["dropout"], pretrained=c["pretrained"] or None)
+                       lstm_layers=c["lstm_layers"], dropout=c["dropout"], pretrained=c["pretrained"] or None,
+                       encoder_stride=int(c["encoder_stride"]))
     lw = torch.tensor(label_weights(labels), dtype=torch.float32, device=device)
     train_y = [read_slice_labels(results_dir / "labels" / f"{sid}.tsv", load_cache(*cache_paths(results_dir, sid))[0].shape[0], labels)
                for sid in splits["train"]]
@@ -424,7 +426,11 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         return score, metrics
 
     # stage "slices" (optional): the CNN learns from shuffled single slices (many small, diverse
-    # batches: the RSNA winners' first stage); stage "scans": the whole model on scans/windows.
+    # batches: the RSNA winners' first stage); stage "scans": the whole model on scans/windows
+    # (with freeze_encoder: the LSTM and heads on the first stage's CNN). The slice stage runs its
+    # whole schedule and hands on its last epoch: on the 40-scan demo its validation AUC peaked
+    # at epoch 1, an untrained CNN, because 23 of the 73 bleeding validation slices are one thin
+    # subdural that no epoch learns while the others' ranks improve.
     stages = []
     if int(c["slice_epochs"]) > 0:
         stages.append(("slices", 1, int(c["slice_batch_size"]), int(c["slice_epochs"])))
@@ -435,13 +441,18 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
     histories = []
     for name, window, batch_size, epochs in stages:
         ckpt_dir = ckpt_root / name if len(stages) > 1 else ckpt_root
-        log.info("classifier stage %s: window=%s batch=%d epochs=%d", name, window or "scan", batch_size, epochs)
+        frozen = name == "scans" and len(stages) > 1 and bool(c["freeze_encoder"])
+        log.info("classifier stage %s: window=%s batch=%d epochs=%d%s", name, window or "scan", batch_size, epochs,
+                 ", encoder frozen" if frozen else "")
+        model.freeze_encoder(frozen)
         result = fit(model, train_loader(window, batch_size), val_loader, loss_fn=loss_fn,
                      evaluate_fn=evaluate_fn if val_loader else None, ckpt_dir=ckpt_dir, epochs=epochs,
                      lr=float(c["lr"]), weight_decay=float(c["weight_decay"]), patience=int(c["patience"]),
                      amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"),
                      find_unused_parameters=aux_w <= 0,  # DDP: the aux head is then unused
+                     keep_last=name == "slices" and len(stages) > 1,
                      run_key=run_key({**c, "seed": seed, "stage": name, "splits": splits}, inputs))
+        model.freeze_encoder(False)
         h = pd.DataFrame(result["history"])
         h.insert(0, "stage", name)
         histories.append(h)

@@ -360,6 +360,7 @@ def fit(
     progress: bool = True,
     find_unused_parameters: bool = False,
     run_key: str | None = None,
+    keep_last: bool = False,
 ) -> dict:
     """Train ``model`` with early stopping on the validation score; resume from ``ckpt_dir/last.pt``.
 
@@ -368,7 +369,9 @@ def fit(
     ``torch.no_grad`` with ``model.eval()``). ``evaluate_fn=None`` or ``val_loader=None``: no
     validation, the score is the negative training loss. Returns ``{"history": [...],
     "best_epoch", "best_score", "stopped_early", "best_path", "last_path"}`` with the best weights
-    loaded into ``model``. Epochs are numbered from 1. ``run_key`` (:func:`run_key`): a checkpoint
+    loaded into ``model``. ``keep_last``: validate and record every epoch, but run the whole budget
+    and keep the last epoch (a pre-training stage whose schedule, not a small validation set,
+    decides when it is done). Epochs are numbered from 1. ``run_key`` (:func:`run_key`): a checkpoint
     written under another key is discarded and training starts from scratch.
 
     Under torch.distributed (several ranks, see :mod:`hemocam.distributed`): the model is wrapped
@@ -509,7 +512,7 @@ def fit(
                 msg = f"interrupted by SIGTERM while validating epoch {epoch}; a rerun repeats it"
                 logger.error(msg)
                 raise TrainingInterrupted(msg)
-            improved = math.isfinite(score) and (best_score is None or sign * score > sign * best_score)
+            improved = math.isfinite(score) and (keep_last or best_score is None or sign * score > sign * best_score)
             if improved:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
                 if main:

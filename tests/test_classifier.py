@@ -96,7 +96,7 @@ def test_train_and_predict_end_to_end(cohort, tmp_path):
     cfg = {"seed": 1, "preprocess": {"size": 32, "windows": WINDOWS},
            "classifier": {"arch": "resnet18", "labels": list(LABELS), "lstm_hidden": 8, "lstm_layers": 1,
                           "epochs": 1, "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-4, "patience": 3,
-                          "num_workers": 0, "amp": True, "window": 0, "slice_epochs": 1,
+                          "num_workers": 0, "amp": True, "window": 0, "slice_epochs": 1, "freeze_encoder": True,
                           "slice_batch_size": 16}}
     out = {k: tmp_path / f"{k}" for k in ("model.pt", "history.tsv", "metrics.tsv")}
     train_classifier(cfg, r / "scans.tsv", r, out["model.pt"], out["history.tsv"], out["metrics.tsv"])
@@ -108,6 +108,11 @@ def test_train_and_predict_end_to_end(cohort, tmp_path):
     assert metrics["n"].iloc[0] == 8 * (scans["split"] == "test").sum()
     assert (r / "classifier" / "checkpoints" / "scans" / "last.pt").exists()
     model, meta = load_bundle(out["model.pt"])
+    # freeze_encoder: the scan stage kept the CNN the slice stage chose, weights and BN statistics
+    slice_best = torch.load(r / "classifier" / "checkpoints" / "slices" / "best.pt", weights_only=True)["model"]
+    enc = {k: v for k, v in slice_best.items() if k.startswith("encoder.")}
+    assert enc and all(torch.equal(v, model.state_dict()[k]) for k, v in enc.items())
+    assert not all(torch.equal(v, model.state_dict()[k]) for k, v in slice_best.items() if k.startswith("lstm."))
     assert meta["labels"] == list(LABELS) and meta["size"] == 32 and meta["windows"] == WINDOWS
     assert meta["best_epoch"] == 1 and meta["seed"] == 1 and "torch" in meta["versions"]
     assert model.config["arch"] == "resnet18"

@@ -95,3 +95,40 @@ def test_pretrained_only_from_local_files(tmp_path, monkeypatch):
     torch.save(ref.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     m3 = ResNetLSTM("resnet18", n_labels=2, lstm_hidden=8, lstm_layers=1, pretrained="imagenet")
     assert torch.equal(m3.encoder.conv1.weight, ref.conv1.weight)
+
+
+def test_encoder_stride_16_doubles_the_feature_map_and_survives_a_bundle(tmp_path):
+    torch.manual_seed(0)
+    maps = {}
+    for stride in (32, 16):
+        m = ResNetLSTM("resnet18", in_channels=3, n_labels=1, lstm_hidden=8, lstm_layers=1,
+                       encoder_stride=stride).eval()
+        h = m.encoder.layer4.register_forward_hook(lambda mod, i, o, s=stride: maps.__setitem__(s, o.shape))
+        with torch.no_grad():
+            assert m(torch.randn(1, 2, 3, 96, 96)).shape == (1, 2, 1)
+        h.remove()
+    assert maps[32][-2:] == (3, 3) and maps[16][-2:] == (6, 6)
+    save_bundle(tmp_path / "m.pt", m, {"labels": ["any"]})
+    m2, _ = load_bundle(tmp_path / "m.pt")
+    assert m2.config["encoder_stride"] == 16 and isinstance(m2.encoder.maxpool, torch.nn.Identity)
+    with pytest.raises(ValueError):
+        ResNetLSTM("resnet18", encoder_stride=8)
+
+
+def test_frozen_encoder_trains_only_the_sequence_part():
+    torch.manual_seed(0)
+    m = ResNetLSTM("resnet18", in_channels=3, n_labels=2, lstm_hidden=8, lstm_layers=1)
+    m.freeze_encoder(True)
+    m.train()
+    assert m.training and m.lstm.training and not m.encoder.training  # BatchNorm keeps its statistics
+    enc_before = {k: v.clone() for k, v in m.encoder.state_dict().items()}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    logits, aux = m(torch.randn(2, 4, 3, 32, 32), lengths=[4, 3], return_aux=True)
+    (logits.sum() + aux.sum()).backward()
+    opt.step()
+    assert all(p.grad is None for p in m.encoder.parameters())
+    assert m.lstm.weight_ih_l0.grad is not None and m.head.weight.grad is not None
+    assert all(torch.equal(v, m.encoder.state_dict()[k]) for k, v in enc_before.items())  # running stats too
+    m.freeze_encoder(False)
+    m.train()
+    assert m.encoder.training and all(p.requires_grad for p in m.encoder.parameters())

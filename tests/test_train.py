@@ -50,14 +50,15 @@ class Run:
         return float(acc), {"acc": float(acc)}
 
 
-def train(ckpt, run, epochs=4, workers=0, seed=0, patience=10):
+def train(ckpt, run, epochs=4, workers=0, seed=0, patience=10, keep_last=False):
     seed_everything(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     ds = Toy()
     tl = make_loader(ds, 8, True, workers, seed, "cpu", sampler=EpochSampler(len(ds), True, seed))
     vl = make_loader(ds, 16, False, 0, seed, "cpu")
     res = fit(model, tl, vl, loss_fn=run.loss, evaluate_fn=run.evaluate, ckpt_dir=ckpt, epochs=epochs, lr=1e-2,
-              weight_decay=1e-4, patience=patience, amp=True, seed=seed, device="cpu", progress=False)
+              weight_decay=1e-4, patience=patience, amp=True, seed=seed, device="cpu", progress=False,
+              keep_last=keep_last)
     return res, model
 
 
@@ -111,6 +112,15 @@ def test_early_stopping_keeps_best_and_is_final(tmp_path):
     again = Run()
     res2, _ = train(tmp_path / "e", again, epochs=6, patience=2)
     assert again.calls == 0 and res2["best_epoch"] == 2 and len(res2["history"]) == 4
+
+
+def test_keep_last_validates_every_epoch_but_keeps_the_last(tmp_path):
+    run = Run(scores=[0.9, 0.5, 0.4, 0.3])
+    res, model = train(tmp_path / "k", run, epochs=4, patience=1, keep_last=True)
+    assert [h["val_score"] for h in res["history"]] == [0.9, 0.5, 0.4, 0.3]  # recorded, never stops early
+    assert res["best_epoch"] == 4 and not res["stopped_early"]
+    last = torch.load(tmp_path / "k" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.values()))
 
 
 def test_loader_and_sampler():

@@ -79,6 +79,7 @@ class ResNetLSTM(nn.Module):
         dropout: float = 0.3,
         pretrained=None,
         zero_init_residual: bool = False,
+        encoder_stride: int = 32,
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -86,13 +87,20 @@ class ResNetLSTM(nn.Module):
         builder, _, feat = ARCHS[arch]
         self.config = dict(arch=arch, in_channels=int(in_channels), n_labels=int(n_labels),
                            lstm_hidden=int(lstm_hidden), lstm_layers=int(lstm_layers),
-                           bidirectional=bool(bidirectional), dropout=float(dropout))
+                           bidirectional=bool(bidirectional), dropout=float(dropout),
+                           encoder_stride=int(encoder_stride))
+        if encoder_stride not in (16, 32):
+            raise ValueError(f"encoder_stride must be 16 or 32, got {encoder_stride!r}")
         # zero_init_residual (blocks start as identity) was tried: faster first epoch, but on the
         # phantom cohort validation AUC then stalled ~0.1 below the default init; off by default
         enc = builder(weights=None, zero_init_residual=bool(zero_init_residual))
         if in_channels != 3:
             enc.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         enc.fc = nn.Identity()
+        if encoder_stride == 16:
+            # no stem max-pool: twice the feature-map size, so small and thin bleeds keep more than
+            # one layer4 cell, and Grad-CAM gets a 6 x 6 instead of a 3 x 3 map at 96 px
+            enc.maxpool = nn.Identity()
         _load_pretrained(enc, arch, pretrained, in_channels)
         self.encoder = enc
         self.feature_dim = feat
@@ -107,11 +115,33 @@ class ResNetLSTM(nn.Module):
         # encoder gets a direct, un-mixed gradient per slice); not used for predictions
         self.aux_head = nn.Linear(feat, n_labels)
         self.bucket = 16
+        self.encoder_frozen = False
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Freeze (or release) the CNN: no gradients, BatchNorm statistics kept, no autograd graph.
+
+        The sequence stage after a slice stage trains the LSTM and heads on the slice features the
+        first stage learnt; training them jointly from there let the LSTM's slice-position shortcut
+        wash the visual features out on small cohorts.
+        """
+        self.encoder_frozen = bool(frozen)
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+        self.encoder.train(self.training and not frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
 
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, F) pooled ResNet features."""
         if slices.is_cuda:
             slices = slices.contiguous(memory_format=torch.channels_last)
+        if self.encoder_frozen:
+            with torch.no_grad():
+                return self.encoder(slices)
         return self.encoder(slices)
 
     def sequence(self, feats: torch.Tensor, lengths=None) -> torch.Tensor:
