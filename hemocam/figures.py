@@ -216,10 +216,25 @@ def gallery(manifests, out_dir, max_scans: int = 60) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- training curves
 
+def epoch_axis(hist: pd.DataFrame) -> tuple[pd.Series, list[tuple[float, str]]]:
+    """x positions of a history's rows, and (x, name) where each stage starts when there are several.
+
+    Epochs restart at 1 in every stage (the classifier's slices, then scans): the stages are then
+    laid one after the other.
+    """
+    hist = hist.reset_index(drop=True)
+    x = pd.to_numeric(hist["epoch"], errors="coerce") if "epoch" in hist else pd.Series(np.arange(1, len(hist) + 1))
+    stages = hist["stage"].astype(str) if "stage" in hist else None
+    if stages is None or stages.nunique() < 2:
+        return x, []
+    x = pd.Series(np.arange(1, len(hist) + 1, dtype=float))
+    return x, [(x[i] - 0.5, stages[i]) for i in range(len(hist)) if i == 0 or stages[i] != stages[i - 1]]
+
+
 def training_figure(history_tsv, out_png, title: str) -> None:
     """Every numeric column of a training history against the epoch, one panel each."""
     hist = read_tsv(history_tsv)
-    x = pd.to_numeric(hist["epoch"], errors="coerce") if "epoch" in hist else pd.Series(np.arange(1, len(hist) + 1))
+    x, starts = epoch_axis(hist)
     best = None
     if "best" in hist:
         flags = hist["best"].astype(str).str.lower().isin(["true", "1"])
@@ -240,8 +255,11 @@ def training_figure(history_tsv, out_png, title: str) -> None:
             ax.set_yscale("log")  # learning rates and losses spanning decades
         if best is not None:
             ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best epoch {best:g}")
+        for xs, name in starts:
+            ax.axvline(xs, color="0.5", linewidth=0.8)
+            ax.text(xs + 0.2, 0.98, name, transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="0.35")
         ax.set_title(c, fontsize=10)
-        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_xlabel("epoch (stages one after the other)" if starts else "epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)

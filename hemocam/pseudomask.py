@@ -24,11 +24,12 @@ For one scan, on the NIfTI grid (all inputs are already there):
 ``cam_mode`` says how the CAM restricts the result: ``region`` (default) keeps voxels inside the
 CAM region only; ``component`` keeps whole hyperdense 3-D components (found on the gated slices
 inside the brain) that the CAM region touches, i.e. their maximum CAM is >= ``cam_threshold``:
-a coarse CAM (layer4 is 1/32 of the input resolution) then selects bleeds without cutting them.
-On the 40-scan demo, ``component`` pseudo-masks match the truth better (test Dice 0.44 against
-0.35) but also keep hyperdense noise and rim components, and the segmenter trained on them marks
-negative scans (3 of 4 held-out negatives) and ends lower on the bleeds (0.41 against 0.48 over
-val + test); so ``region`` stays the default.
+a coarse CAM (layer4 is 1/32 of the input resolution, 1/16 with ``classifier.encoder_stride: 16``)
+then selects bleeds without cutting them. On the 40-scan demo with the CPU preset's classifier
+(stride 16, two stages), segmenters trained on ``component`` pseudo-masks (threshold 0.3) reach
+0.47 / 0.50 mean Dice (val / test) but mark both validation negatives (2.1 and 2.4 mL);
+``region`` with ``cam_threshold`` 0.1 (the preset's value) reaches 0.49 / 0.55 and marks no
+held-out negative; so ``region`` stays the default.
 
 The result is a uint8 mask ``R/pseudomask/{id}.nii.gz``. Ground-truth masks are never read.
 """

@@ -17,6 +17,7 @@ from hemocam.figures import (
     gallery,
     provenance_html,
     reason_group,
+    epoch_axis,
     training_figure,
 )
 from hemocam.io import load_nifti, read_tsv, save_nifti, write_tsv
@@ -111,6 +112,14 @@ def test_display_plan_radiological():
     swapped = np.array([[0, 0.7, 0, 0], [0.5, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1.0]])
     transpose, flip_rows, flip_cols, aspect = display_plan(swapped)
     assert not transpose and flip_rows and flip_cols and aspect == pytest.approx(0.5 / 0.7)
+
+
+def test_epoch_axis_lays_stages_one_after_the_other():
+    two = pd.DataFrame({"stage": ["slices"] * 3 + ["scans"] * 2, "epoch": [1, 2, 3, 1, 2]})
+    x, starts = epoch_axis(two)
+    assert x.tolist() == [1, 2, 3, 4, 5] and starts == [(0.5, "slices"), (3.5, "scans")]
+    x, starts = epoch_axis(pd.DataFrame({"stage": ["scans"] * 2, "epoch": [1, 2]}))
+    assert x.tolist() == [1, 2] and starts == []
 
 
 def test_training_evaluation_cohort_figures(results, tmp_path):
