@@ -344,6 +344,23 @@ def pos_weights(ys: list[np.ndarray], mode) -> np.ndarray | None:
     return np.clip(w, 1.0, 10.0)
 
 
+# settings only the scan stage reads: changing them must not retrain a finished slice stage
+SCAN_STAGE_KEYS = ("window", "batch_size", "epochs", "patience", "freeze_encoder")
+
+
+def stage_settings(c: dict, stage: str, seed: int, splits: dict) -> dict:
+    """What identifies one training stage's run (for :func:`hemocam.train.run_key`).
+
+    The slice stage leaves out the scan stage's settings, and ``slice_epochs`` is its epoch
+    budget (raising it continues the stage, like ``epochs`` for the scan stage). The scan stage
+    keeps everything: it starts from the slice stage's weights.
+    """
+    s = {**c, "seed": seed, "stage": stage, "splits": splits}
+    if stage == "slices":
+        s = {k: v for k, v in s.items() if k not in (*SCAN_STAGE_KEYS, "slice_epochs")}
+    return s
+
+
 def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out, metrics_out, device=None) -> dict:
     """Train on split ``train``, early-stop on ``val``, evaluate the best epoch on ``test``.
 
@@ -451,7 +468,7 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
                      amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"),
                      find_unused_parameters=aux_w <= 0,  # DDP: the aux head is then unused
                      keep_last=name == "slices" and len(stages) > 1,
-                     run_key=run_key({**c, "seed": seed, "stage": name, "splits": splits}, inputs))
+                     run_key=run_key(stage_settings(c, name, seed, splits), inputs))
         model.freeze_encoder(False)
         h = pd.DataFrame(result["history"])
         h.insert(0, "stage", name)

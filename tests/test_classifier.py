@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from hemocam.classifier import (ScanDataset, augment, auc, average_ranks, collate_scans, label_weights,
-                                predict_batch, slice_metrics, train_classifier, weighted_log_loss)
+                                predict_batch, slice_metrics, stage_settings, train_classifier,
+                                weighted_log_loss)
 from hemocam.io import read_tsv
 from hemocam.labelset import LABELS
 from hemocam.models.resnet_lstm import load_bundle
+from hemocam.train import run_key
 from hemocam.phantom.cohort import write_nifti_cohort
 from hemocam.preprocess import preprocess_batch
 
@@ -117,6 +119,14 @@ def test_train_and_predict_end_to_end(cohort, tmp_path):
     assert meta["best_epoch"] == 1 and meta["seed"] == 1 and "torch" in meta["versions"]
     assert model.config["arch"] == "resnet18"
 
+    # a scan-stage setting changed: the finished slice stage is kept, the scan stage trains again
+    slices_last = r / "classifier" / "checkpoints" / "slices" / "last.pt"
+    scans_last = r / "classifier" / "checkpoints" / "scans" / "last.pt"
+    before = (slices_last.stat().st_mtime_ns, scans_last.stat().st_mtime_ns)
+    cfg2 = {**cfg, "classifier": {**cfg["classifier"], "freeze_encoder": False}}
+    train_classifier(cfg2, r / "scans.tsv", r, out["model.pt"], out["history.tsv"], out["metrics.tsv"])
+    assert slices_last.stat().st_mtime_ns == before[0] and scans_last.stat().st_mtime_ns != before[1]
+
     ids = list(scans["scan_id"]) + ["missing-scan"]
     man = predict_batch(out["model.pt"], ids, r, tmp_path / "classify.tsv", device="cpu")
     assert man.set_index("scan_id").loc["missing-scan", "status"] == "rejected"
@@ -124,3 +134,20 @@ def test_train_and_predict_end_to_end(cohort, tmp_path):
     sl = read_tsv(r / "classifier" / "slices" / f"{scans['scan_id'][0]}.tsv")
     assert list(sl.columns) == ["slice", *LABELS] and len(sl) == 8
     assert sl[list(LABELS)].to_numpy().min() >= 0 and sl[list(LABELS)].to_numpy().max() <= 1
+
+
+def test_stage_settings_keep_the_slice_stage_apart_from_scan_settings():
+    c = {"arch": "resnet18", "lr": 1e-3, "window": 0, "batch_size": 2, "epochs": 8, "patience": 8,
+         "freeze_encoder": True, "slice_epochs": 9, "slice_batch_size": 32}
+    splits = {"train": ["a", "b"], "val": ["c"], "test": []}
+
+    def keys(**change):
+        cc = {**c, **change}
+        return tuple(run_key(stage_settings(cc, st, 0, splits)) for st in ("slices", "scans"))
+
+    base = keys()
+    for scan_only in ({"freeze_encoder": False}, {"batch_size": 4}, {"window": 8}):
+        assert keys(**scan_only)[0] == base[0] and keys(**scan_only)[1] != base[1], scan_only
+    assert keys(slice_epochs=12) == (base[0], keys(slice_epochs=12)[1]) and keys(slice_epochs=12)[1] != base[1]
+    assert all(a != b for a, b in zip(keys(lr=3e-4), base))  # shared settings restart both
+    assert all(a != b for a, b in zip(keys(slice_batch_size=16), base))
