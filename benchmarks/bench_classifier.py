@@ -85,6 +85,9 @@ def main(argv=None):
     ap.add_argument("--lstm-layers", type=int, default=1)
     ap.add_argument("--workers", type=int, default=None, help="loader workers for the pipeline (default: min(8, cpus-1))")
     ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each pipeline step's wait for the loader and its compute apart (synchronised)")
+    ap.add_argument("--profile", metavar="TXT", help="also write torch.profiler's table for a few pipeline steps")
     ap.add_argument("--out", default="benchmarks/out/classifier.json")
     args = ap.parse_args(argv)
 
@@ -96,7 +99,7 @@ def main(argv=None):
     c = classifier_config({})
     norm = input_norm(len(WINDOWS))
     steps = args.steps
-    n_scans = max(args.batch_size * (steps + args.warmup), 8)
+    n_scans = max(args.batch_size * (steps + args.warmup + (5 if args.profile else 0)), 8)
 
     with tempfile.TemporaryDirectory(prefix="hemocam-bench-") as tmp:
         root = Path(tmp)
@@ -135,6 +138,42 @@ def main(argv=None):
         it = iter(loader)
         pipe_s = timed_steps(lambda: train_step(next(it)), steps, args.warmup, device)
         del it, loader
+
+        # 1b. where a pipeline step's time goes: waiting for the next batch vs the step itself
+        breakdown = None
+        if args.breakdown or args.profile:
+            set_loader_epoch(loader := make_loader(ds, args.batch_size, True, workers, 0, device,
+                                                   collate_fn=collate_scans, sampler=sampler), 2)
+            it = iter(loader)
+            for _ in range(args.warmup):
+                train_step(next(it))
+            sync(device)
+            waits, computes = [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                b = next(it)
+                t1 = time.perf_counter()
+                train_step(b)
+                sync(device)
+                waits.append(t1 - t0)
+                computes.append(time.perf_counter() - t1)
+            breakdown = {"wait_s_median": float(np.median(waits)), "wait_s_max": float(np.max(waits)),
+                         "step_s_median": float(np.median(computes)), "step_s_max": float(np.max(computes)),
+                         "wait_s": [round(w, 4) for w in waits], "step_s": [round(c, 4) for c in computes]}
+            if args.profile:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if device.type == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                with torch.profiler.profile(activities=acts) as prof:
+                    for _ in range(min(5, steps)):
+                        train_step(next(it))
+                    sync(device)
+                key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.profile).write_text(
+                    prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
+                    + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+            del it, loader
 
         # 2. bare model on a batch already on the device
         batch = collate_scans([ds[(i, i)] for i in range(args.batch_size)])
@@ -192,7 +231,7 @@ def main(argv=None):
         "slices_per_step": slices_per_batch, "steps": steps, "pipeline_workers": real_workers,
         "pipeline_slices_per_s": pipe, "bare_model_slices_per_s": bare, "pipeline_over_bare": pipe / bare,
         "augment_slices_per_s": aug, "loader": loader_rates, "versions": versions(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "breakdown": breakdown,
     }
     print(f"device            {rec['device']}  amp={rec['amp']}  {args.arch} {args.size}px  "
           f"{slices_per_batch} slices/step  workers={real_workers}")
@@ -200,6 +239,10 @@ def main(argv=None):
     print(f"bare model        {bare:10.1f} slices/s  (forward + backward + step on device tensors)")
     print(f"pipeline / bare   {pipe / bare:10.3f}")
     print(f"augmentation      {aug:10.1f} slices/s  (alone, on {device.type})")
+    if breakdown:
+        print(f"per step          wait for batch {1000 * breakdown['wait_s_median']:.1f} ms (max "
+              f"{1000 * breakdown['wait_s_max']:.1f}), step {1000 * breakdown['step_s_median']:.1f} ms (max "
+              f"{1000 * breakdown['step_s_max']:.1f}); bare step {1000 * bare_s / steps:.1f} ms")
     for w, r in loader_rates.items():
         print(f"loader {w:2d} workers {r['slices_per_s']:10.1f} slices/s  ({r['slices_per_s_per_worker']:.1f} per worker)")
     write_json(rec, args.out)

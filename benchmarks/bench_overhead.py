@@ -1,8 +1,9 @@
 """Fixed cost of one per-scan GPU job against its useful work, at the shipped job sizes.
 
-A per-scan stage job (classify_batch, cam_batch, segment_batch) handles
-ceil(n_scans / batching.gpu_jobs) scans (config/config.yaml: for 25,000 scans, 25000 / 32 ->
-782 scans per job). Its fixed cost is paid once per job:
+A per-scan stage job (cam_batch, segment_batch) handles ceil(n_scans / batching.gpu_jobs) scans
+(config/config.yaml: for 25,000 scans, 25000 / 32 -> 782 scans per job); a classify_batch job
+handles ceil(n_scans / batching.classify_jobs) (25000 / 2 -> 12,500: a scan takes milliseconds
+there). Its fixed cost is paid once per job:
 
 - the interpreter, ``import hemocam.<stage>, torch`` and loading the model bundle onto the
   device (timed as a fresh ``python -c`` process, median of --repeats);
@@ -201,8 +202,10 @@ def main(argv=None):
     device = ("cuda" if cuda else "cpu") if a.device == "auto" else a.device
     preset = a.preset or ("production" if device.startswith("cuda") else "small")
     matrix = a.matrix or (512 if device.startswith("cuda") else 256)
-    gpu_jobs = int(bl.shipped_config()["batching"]["gpu_jobs"])
-    per_job = math.ceil(a.cohort / gpu_jobs)
+    batching = bl.shipped_config()["batching"]
+    gpu_jobs = int(batching["gpu_jobs"])
+    jobs = {stage: int(batching.get(f"{stage}_jobs", gpu_jobs)) for stage in STAGES}  # classify_jobs
+    per_jobs = {stage: math.ceil(a.cohort / n) for stage, n in jobs.items()}
     work = Path(tempfile.mkdtemp(prefix="hemocam-overhead-"))
 
     def worker(*args, what):
@@ -227,6 +230,7 @@ def main(argv=None):
     figures, stages = [], {}
     snk_s = job_start["wall_s"] if job_start else 0.0
     for stage in STAGES:
+        per_job = per_jobs[stage]
         f = bl.median([r["wall_s"] for r in fixed[stage]])
         w = per_scan[stage]["median_s"] * per_job
         frac = round((f + snk_s) / w, 4)
@@ -239,7 +243,7 @@ def main(argv=None):
                                  note=f"fixed {f} s (python + import + bundle load)"
                                       + (f" + Snakemake job start {snk_s} s" if job_start else "")))
     record = {"device": device, "preset": preset, "matrix": matrix, "slices": a.slices, "cohort": a.cohort,
-              "gpu_jobs": gpu_jobs, "scans_per_job": per_job, "setup": info, "setup_s": setup_s,
+              "gpu_jobs": gpu_jobs, "jobs": jobs, "scans_per_job": per_jobs, "setup": info, "setup_s": setup_s,
               "per_scan": per_scan, "per_scan_process": per_scan_proc, "fixed": fixed, "snakemake_job_start": job_start,
               "stages": stages, "load_before": load0, "load_after": bl.loadavg(), "figures": figures}
     bl.print_figures(f"per-job overhead ({device}, {preset} model sizes)", figures)

@@ -69,9 +69,10 @@ phase() {  # phase NAME TIMEOUT_S CMD...: run one benchmark, log its time span f
 }
 
 # 4. production classifier: resnet34, 256 px, 2x256 bi-LSTM, 4 scans x 32 slices per step
-phase classifier 110 "$PY" benchmarks/bench_classifier.py --device cuda --size 256 --arch resnet34 \
+# (--breakdown: each step's wait for the loader and its compute, apart; --profile: torch.profiler table)
+phase classifier 150 "$PY" benchmarks/bench_classifier.py --device cuda --size 256 --arch resnet34 \
     --lstm-hidden 256 --lstm-layers 2 --slices 32 --batch-size 4 --steps 30 --warmup 5 --workers 8 \
-    --out "$OUT/classifier_cuda.json"
+    --breakdown --profile "$OUT/classifier_profile.txt" --out "$OUT/classifier_cuda.json"
 # 5. Grad-CAM at the same sizes
 phase cam 60 "$PY" benchmarks/bench_cam.py --device cuda --size 256 --arch resnet34 --slices 32 \
     --lstm-hidden 256 --lstm-layers 2 --repeats 10 --out "$OUT/cam_cuda.json"

@@ -60,7 +60,7 @@ def run_batch(
 ) -> pd.DataFrame:
     """Apply ``fn(scan_id)`` to every scan of the batch and write the manifest.
 
-    ``upstream`` are manifests of the previous stage: scans not ``ok`` there are passed through
+    ``upstream`` are manifests of the previous stages: scans not ``ok`` there are passed through
     as rejected without calling ``fn``. With ``processes > 1`` scans run in a process pool
     (``fn`` must then be picklable, e.g. a ``functools.partial`` of a module-level function).
     """
@@ -72,8 +72,9 @@ def run_batch(
             if hit.empty:
                 rows.append({"scan_id": sid, "status": "rejected", "reason": f"{stage}: missing from upstream manifest"})
                 continue
-            if hit.iloc[0]["status"] != "ok":
-                rows.append({"scan_id": sid, "status": hit.iloc[0]["status"], "reason": hit.iloc[0]["reason"]})
+            bad = hit[hit["status"] != "ok"]  # several upstream stages: ok only if ok in every one
+            if len(bad):
+                rows.append({"scan_id": sid, "status": bad.iloc[0]["status"], "reason": bad.iloc[0]["reason"]})
                 continue
         todo.append(sid)
     if processes > 1 and len(todo) > 1:

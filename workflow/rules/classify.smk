@@ -57,7 +57,7 @@ rule classify_batch:
         mem_mb=8000,
         runtime=120,
     params:
-        scans=batch_scans("gpu"),
+        scans=batch_scans("classify"),
         results=results_dir(2),
     script:
         "../scripts/classify.py"
@@ -65,4 +65,4 @@ rule classify_batch:
 
 rule classify:
     input:
-        manifests("classifier", "gpu"),
+        manifests("classifier", "classify"),

@@ -77,7 +77,7 @@ BENCH = "logs/benchmarks"
 
 
 wildcard_constraints:
-    batch=r"[cg]\d{4}",
+    batch=r"[cgk]\d{4}",
 
 
 def repo_path(*parts):
@@ -146,6 +146,11 @@ if not demo_active():
     check_cohort()
 
 
+# batch kinds: CPU stages, GPU stages, and the classifier's slice predictions (a GPU stage so
+# light per scan that it runs as fewer, larger jobs); a batch name starts with its kind's letter
+BATCH_PREFIX = {"cpu": "c", "gpu": "g", "classify": "k"}
+
+
 @functools.cache
 def _batches(kind):
     plan = scan_plan()
@@ -155,7 +160,7 @@ def _batches(kind):
     out, start = {}, 0
     for i in range(n if ids else 0):
         stop = start + size + (1 if i < extra else 0)
-        out[f"{kind[0]}{i:04d}"] = ids[start:stop]
+        out[f"{BATCH_PREFIX[kind]}{i:04d}"] = ids[start:stop]
         start = stop
     if kind == "cpu":
         from hemocam.ingest import write_batch_plans
@@ -248,7 +253,7 @@ def final_targets(wildcards):
     if not any_ok_scans():
         return targets
     targets += manifests("preprocess", "cpu")()
-    targets += manifests("classifier", "gpu")() + manifests("cam", "gpu")()
+    targets += manifests("classifier", "classify")() + manifests("cam", "gpu")()
     if trains_classifier() and has_labels():
         targets.append(f"{R}/classifier/metrics.tsv")
     targets += manifests("segmentation", "gpu")()
@@ -266,9 +271,8 @@ def upstream(stage, kind):
     """Input function: the manifests of `stage` (batched by `kind`) covering this job's scans."""
 
     def paths(wildcards):
-        own = batches("gpu" if wildcards.batch.startswith("g") else "cpu")[
-            wildcards.batch
-        ]
+        kind_of = {v: k for k, v in BATCH_PREFIX.items()}[wildcards.batch[0]]
+        own = batches(kind_of)[wildcards.batch]
         of = _batch_of(kind)
         return sorted({f"{R}/{stage}/batches/{of[sid]}.tsv" for sid in own})
 

@@ -4,7 +4,7 @@
 rule pseudomask_batch:
     input:
         cams=f"{R}/cam/batches/{{batch}}.tsv",
-        slices=f"{R}/classifier/batches/{{batch}}.tsv",
+        slices=upstream("classifier", "classify"),
         # params read the scan plan: a cluster job must see the demo checkpoint as an input
         plan=upstream("preprocess", "cpu"),
     output:

@@ -12,7 +12,7 @@ rule volumes:
     input:
         scans=f"{R}/scans.tsv",
         segmentation=manifests("segmentation", "gpu"),
-        slices=manifests("classifier", "gpu"),
+        slices=manifests("classifier", "classify"),
     output:
         report(
             f"{R}/volumes.tsv",

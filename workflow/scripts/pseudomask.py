@@ -8,5 +8,5 @@ pseudomask_batch(
     snakemake.params.pseudomask,
     labelled=snakemake.params.labelled,
     manifest_out=snakemake.output.manifest,
-    upstream=[snakemake.input.cams],
+    upstream=[snakemake.input.cams, *snakemake.input.slices],
 )
