@@ -231,7 +231,7 @@ def main(argv=None):
     snk_s = job_start["wall_s"] if job_start else 0.0
     for stage in STAGES:
         per_job = per_jobs[stage]
-        f = bl.median([r["wall_s"] for r in fixed[stage]])
+        f = round(bl.median([r["wall_s"] for r in fixed[stage]]), 2)
         w = per_scan[stage]["median_s"] * per_job
         frac = round((f + snk_s) / w, 4)
         stages[stage] = {"fixed_s": f, "snakemake_job_start_s": snk_s, "per_scan_s": per_scan[stage]["median_s"],
