@@ -45,7 +45,7 @@ DEFAULTS = {"arch": "resnet34", "pretrained": "", "labels": list(LABELS), "lstm_
             "window": 0, "epochs": 30, "batch_size": 4, "lr": 3e-4, "weight_decay": 1e-4, "patience": 6,
             "num_workers": 8, "amp": True, "dropout": 0.3, "monitor": "auc_any", "pos_weight": "sqrt",
             "oversample_positive": 1.0, "tta": True, "aux_weight": 0.5,
-            "slice_epochs": 0, "slice_batch_size": 32, "freeze_encoder": False, "encoder_stride": 32,
+            "slice_epochs": 9, "slice_batch_size": 32, "freeze_encoder": True, "encoder_stride": 32,
             "augment": AUG_DEFAULTS}
 
 

@@ -67,6 +67,10 @@ DEFAULTS = {
     "dice_weight": 1.0,  # loss = BCE + dice_weight * soft Dice
     "threshold": 0.5,  # probability -> mask
     "min_component_voxels": 20,  # smaller 3-D components dropped from the binary output
+    # output voxels must be hyperdense: pseudo-masks hold only pseudomask.hu_min..hu_max voxels, but
+    # the network smooths their edges into brain tissue; a margin below hu_min keeps partial volume
+    "hu_min": 40,
+    "hu_max": 120,
     "tta_flip": True,  # average with the left-right flipped prediction at inference
     "infer_batch": 32,
 }
@@ -379,6 +383,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         "arch": f"unet-{sc['encoder']}", "windows": tr[4], "size": int(tr[5]), "context": k,
         "input_scale": 1.0 / 255.0, "target": target, "config": {kk: v for kk, v in sc.items()},
         "threshold": float(sc["threshold"]), "min_component_voxels": int(sc["min_component_voxels"]),
+        "hu_min": float(sc["hu_min"]), "hu_max": float(sc["hu_max"]),
         "tta_flip": bool(sc["tta_flip"]), "versions": _versions(), "seed": seed, "world_size": hd.world_size(),
         "epoch": int(result["best_epoch"]), "best_score": result["best_score"],
         "train_scans": len(tr[0]), "val_scans": len(va[0]),
@@ -439,6 +444,11 @@ def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device) -> dict:
     if brain.shape != prob_xyz.shape:
         raise InputError(f"{R / 'brainmask' / f'{scan_id}.nii.gz'}: shape {brain.shape} differs from the scan {prob_xyz.shape}")
     mask = (prob_xyz >= float(meta_b["threshold"])) & (brain > 0)
+    if "hu_min" in meta_b:  # bundles from before the HU gate segment without it
+        hu, _ = load_nifti(R / "nifti" / f"{scan_id}.nii.gz")
+        if hu.shape != mask.shape:
+            raise InputError(f"{R / 'nifti' / f'{scan_id}.nii.gz'}: shape {hu.shape} differs from the scan {mask.shape}")
+        mask &= (hu >= float(meta_b["hu_min"])) & (hu <= float(meta_b["hu_max"]))
     mask = remove_small_components(mask, int(meta_b["min_component_voxels"]))
     out = Path(out_dir)
     affine = np.asarray(meta["affine"], float)

@@ -354,7 +354,7 @@ def tiny_config(seed=7, epochs=2, seg_epochs=2) -> dict:
         "preprocess": {"size": 32, "windows": WINDOWS},
         "classifier": {"arch": "resnet18", "pretrained": "", "lstm_hidden": 16, "lstm_layers": 1, "epochs": epochs,
                        "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-4, "patience": 10, "num_workers": 0,
-                       "amp": False},
+                       "amp": False, "slice_epochs": 0},  # one stage: the interruption tests count its epochs
         # layer4 is 1 x 1 on 32 x 32 slices (a flat CAM); layer2 is 4 x 4
         "cam": {"method": "gradcam", "layer": "layer2", "label": "any", "per_subtype": False},
         # a low CAM threshold and no clustering: pseudo-masks that are not empty after 2 epochs

@@ -98,6 +98,7 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
     b = torch.load(bundle, weights_only=True)
     assert b["kind"] == "unet" and b["context"] == 1 and b["size"] == 32 and b["target"] == "pseudomask"
     assert b["model"]["in_channels"] == 2 * 3 and b["windows"] == WINDOWS and b["seed"] == 1
+    assert (b["hu_min"], b["hu_max"]) == (seg.DEFAULTS["hu_min"], seg.DEFAULTS["hu_max"])  # the output's HU gate
     assert res["best_epoch"] in (1, 2)
 
     out = R / "segmentation"
@@ -183,3 +184,26 @@ def test_crop_pair_centres_on_lesions():
         assert yc.sum() == 1  # the lesion pixel is inside every lesion-centred window
         r, c = torch.nonzero(yc[0])[0].tolist()
         assert xc[0, r, c] == x[0, 28, 3]  # image and target cropped alike
+
+
+def test_segment_output_keeps_hyperdense_voxels_only(cohort, tmp_path):
+    """segmenter.hu_min/hu_max gate the output on the scan's HU; bundles without them are not gated."""
+    R, scans = cohort
+    sid = scans["scan_id"].iloc[0]
+
+    class AllLesion(torch.nn.Module):  # every pixel a lesion: the output is what the gates leave
+        def forward(self, x):
+            return torch.full((x.shape[0], 1, *x.shape[-2:]), 20.0)
+
+    meta_b = {"context": 1, "size": 32, "windows": WINDOWS, "model": {"in_channels": 6}, "threshold": 0.5,
+              "min_component_voxels": 0, "tta_flip": False, "config": {"amp": False}}
+    cpu = torch.device("cpu")
+    seg.segment_scan(sid, R, tmp_path / "old", AllLesion(), meta_b, cpu)
+    seg.segment_scan(sid, R, tmp_path / "gated", AllLesion(), {**meta_b, "hu_min": 40, "hu_max": 120}, cpu)
+    brain = load_nifti(R / "brainmask" / f"{sid}.nii.gz")[0] > 0
+    hu = load_nifti(R / "nifti" / f"{sid}.nii.gz")[0]
+    expected = brain & (hu >= 40) & (hu <= 120)
+    assert expected.any() and (brain & ~expected).any()
+    assert np.array_equal(load_nifti(tmp_path / "old" / f"{sid}.nii.gz")[0] > 0, brain)
+    assert np.array_equal(load_nifti(tmp_path / "gated" / f"{sid}.nii.gz")[0] > 0, expected)
+
