@@ -34,5 +34,8 @@ report: $(BIN)/.hemocam-installed
 bench: $(BIN)/.hemocam-installed
 	$(BIN)/python benchmarks/run_all.py
 
+bench-gpu: $(BIN)/.hemocam-installed
+	PYTHON=$(BIN)/python bash benchmarks/gpu.sh
+
 clean:
 	rm -rf results logs resources .snakemake
