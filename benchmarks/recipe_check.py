@@ -39,9 +39,10 @@ res = train_classifier(cfg, R / "scans.tsv", R, R / "classifier" / "model.pt", R
                        R / "classifier" / "metrics.tsv")
 m = pd.read_csv(R / "classifier" / "metrics.tsv", sep="\t")
 h = pd.read_csv(R / "classifier" / "history.tsv", sep="\t")
-test_any = m[(m.split == "test") & (m.label == "any")].auc.iloc[0] if "split" in m else m[m.label == "any"].auc.iloc[0]
-line = {"name": name, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "over": over, "test_auc_any": round(float(test_any), 4), "epochs_run": len(h),
-        "best": res.get("best_epoch") if isinstance(res, dict) else None, "seconds": round(time.time() - t)}
+test_any = m[(m.split == "test") & (m.label == "any")].auc.iloc[0]
+line = {"name": name, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "over": over, "test_auc_any": round(float(test_any), 4), "epochs_run": len(h),
+        "best": res.get("best_epoch"), "seconds": round(time.time() - t)}
 print("RESULT", json.dumps(line), flush=True)
 (out / f"{name}.json").write_text(json.dumps(line) + "\n")
 shutil.copy(R / "classifier" / "history.tsv", out / f"{name}_history.tsv")

@@ -149,6 +149,7 @@ if not demo_active():
 # batch kinds: CPU stages, GPU stages, and the classifier's slice predictions (a GPU stage so
 # light per scan that it runs as fewer, larger jobs); a batch name starts with its kind's letter
 BATCH_PREFIX = {"cpu": "c", "gpu": "g", "classify": "k"}
+BATCH_KIND = {prefix: kind for kind, prefix in BATCH_PREFIX.items()}
 
 
 @functools.cache
@@ -271,8 +272,7 @@ def upstream(stage, kind):
     """Input function: the manifests of `stage` (batched by `kind`) covering this job's scans."""
 
     def paths(wildcards):
-        kind_of = {v: k for k, v in BATCH_PREFIX.items()}[wildcards.batch[0]]
-        own = batches(kind_of)[wildcards.batch]
+        own = batches(BATCH_KIND[wildcards.batch[0]])[wildcards.batch]
         of = _batch_of(kind)
         return sorted({f"{R}/{stage}/batches/{of[sid]}.tsv" for sid in own})
 
