@@ -33,7 +33,8 @@ from badinput import (
 )
 from conftest import CPU_SMALL, REPO, SNAKEMAKE, TINY
 
-SEED, EPOCHS = 7, 3
+# 4 epochs: room for the SIGTERM to land one epoch late (below) and still leave an epoch to kill
+SEED, EPOCHS = 7, 4
 
 
 def _wait_for(predicate, timeout, proc=None, what=""):
@@ -87,7 +88,8 @@ def _kill_after_checkpoint(results, epoch, sig):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A: the tiny pipeline from scratch, uninterrupted. B: the same from scratch in other
-    processes, its classifier killed by SIGTERM in epoch 2 and by SIGKILL in epoch 3."""
+    processes, its classifier killed by SIGTERM just after epoch 1's checkpoint and by SIGKILL
+    just after the next epoch's checkpoint, then rerun to the end."""
     root = tmp_path_factory.mktemp("interrupt")
     a, b = root / "a", root / "b"
     t0 = time.time()
@@ -96,31 +98,34 @@ def runs(tmp_path_factory):
     rc_term, out_term = _kill_after_checkpoint(b, 1, signal.SIGTERM)
     epoch_after_term = _checkpoint_epoch(b / "classifier" / "checkpoints" / "last.pt")
     bundle_after_term = (b / "classifier" / "model.pt").exists()
-    rc_kill, out_kill = _kill_after_checkpoint(b, 2, signal.SIGKILL)
+    rc_kill, out_kill = _kill_after_checkpoint(b, epoch_after_term + 1, signal.SIGKILL)
     epoch_after_kill = _checkpoint_epoch(b / "classifier" / "checkpoints" / "last.pt")
     final = _run(stage_command("classifier", b, SEED, EPOCHS))
     _run(stage_command("downstream", b, SEED, EPOCHS))
     return {"a": a, "b": b, "t_a": t_a, "term": (rc_term, out_term, epoch_after_term, bundle_after_term),
-            "kill": (rc_kill, out_kill, epoch_after_kill), "final": final.stderr}
+            "kill": (rc_kill, out_kill, epoch_after_kill, epoch_after_term), "final": final.stderr}
 
 
 def test_sigterm_stops_training_at_the_next_batch_and_keeps_the_checkpoint(runs):
     rc, out, epoch, bundle = runs["term"]
     assert rc == 143, out[-3000:]
-    assert "SIGTERM received" in out and "interrupted by SIGTERM during epoch 2" in out, out[-3000:]
-    assert epoch == 1
+    # the signal is acted on at the next batch: normally in epoch 2, whose checkpoint then never
+    # appears; on a loaded machine epoch 2's only batch may already be done, and the run stops in
+    # epoch 3 with epoch 2 saved. Either way at most the epoch in progress is lost.
+    assert epoch in (1, 2), epoch
+    assert "SIGTERM received" in out and f"interrupted by SIGTERM during epoch {epoch + 1}" in out, out[-3000:]
     assert not bundle, "an interrupted training must not leave a model bundle that looks finished"
 
 
 def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(runs):
-    rc, out, epoch = runs["kill"]
+    rc, out, epoch, epoch_before = runs["kill"]
     assert rc == -signal.SIGKILL
-    assert epoch == 2
-    # the run killed by SIGKILL had resumed after the SIGTERM: epoch 2 was its first
-    assert "resuming from" in out and "after epoch 1" in out, out[-3000:]
-    assert "resuming from" in runs["final"] and "after epoch 2" in runs["final"], runs["final"][-3000:]
+    assert epoch_before < epoch < EPOCHS, (epoch_before, epoch)
+    # the run killed by SIGKILL had resumed after the SIGTERM's checkpoint
+    assert "resuming from" in out and f"after epoch {epoch_before}" in out, out[-3000:]
+    assert "resuming from" in runs["final"] and f"after epoch {epoch}" in runs["final"], runs["final"][-3000:]
     history = pd.read_csv(runs["b"] / "classifier" / "history.tsv", sep="\t")
-    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
 
 
 def test_resumed_training_equals_an_uninterrupted_run(runs):
