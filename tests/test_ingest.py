@@ -585,6 +585,28 @@ def test_plan_is_cached_and_batches_rewritten_only_on_change(tmp_path, monkeypat
     assert len(bp) == 6 and set(bp["path"]) == set(rows["path"])
 
 
+def test_batch_plans_hold_paths_relative_to_the_workdir(tmp_path, monkeypatch):
+    from hemocam.ingest.plan import _render, batch_table
+
+    rows = write_series(tmp_path / "data" / "dicom", n=6)
+    monkeypatch.chdir(tmp_path)  # Snakemake's workdir: the data lies inside it
+    plan = plan_cohort(cfg_for(tmp_path / "data" / "dicom", fmt="dicom"), tmp_path / "r")
+    ids = list(plan.scans["scan_id"])
+    write_batch_plans(plan, {"c0000": ids}, tmp_path / "plans")
+    bp = read_tsv(tmp_path / "plans" / "c0000.tsv")
+    assert set(bp["path"]) == {os.path.relpath(p, tmp_path) for p in rows["path"]}
+    assert all(not os.path.isabs(p) and os.path.isfile(p) for p in bp["path"])
+    # a plan an older version wrote with absolute paths is kept: upgrading reruns nothing
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "c0000.tsv").write_bytes(_render(batch_table(plan, ids)))
+    assert write_batch_plans(plan, {"c0000": ids}, old) == []
+    # data outside the workdir keeps absolute paths
+    monkeypatch.chdir(tmp_path / "r")
+    write_batch_plans(plan, {"c0000": ids}, tmp_path / "plans2")
+    assert set(read_tsv(tmp_path / "plans2" / "c0000.tsv")["path"]) == set(rows["path"])
+
+
 def test_plan_sees_new_files_and_ingest_sees_in_place_fixes(tmp_path):
     rows = write_series(tmp_path / "dicom", n=6)
     victim = Path(rows.sort_values("z")["path"].iloc[2])

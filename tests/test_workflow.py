@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -72,6 +73,16 @@ def test_every_stage_wrote_every_scan(demo_run):
 def test_second_run_does_nothing(demo_run):
     out = run_snakemake(demo_run, "-n")
     assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_a_project_moved_whole_reruns_nothing(demo_run, tmp_path):
+    # as `cp -a` or `rsync -a` would move it: data (the demo cohort) inside, sizes and mtimes kept
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_run, moved, symlinks=True)
+    out = run_snakemake(moved, "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stdout[-3000:]
+    plans = list((moved / "results/ingest/plan").glob("*.tsv"))
+    assert plans and not any(str(demo_run) in p.read_text() for p in plans)
 
 
 def test_cam_parameter_reruns_only_what_follows(demo_run, tmp_path):

@@ -538,12 +538,32 @@ def batch_table(plan: Plan, scan_ids: list[str], _rows_of: dict | None = None) -
     return out.sort_values(["scan_id", "path"], kind="stable", na_position="first").reset_index(drop=True)
 
 
+PATH_COLUMNS = ("path", "image", "mask")
+
+
+def relative_to_workdir(table: pd.DataFrame, workdir=None) -> pd.DataFrame:
+    """Input paths under ``workdir`` (default: the current directory, Snakemake's workdir)
+    made relative to it; others stay as they are. A project folder moved or copied whole (data
+    inside it, e.g. the demo cohort) then renders the same batch plans, and reruns nothing."""
+    root = os.path.abspath(workdir or os.getcwd()).rstrip(os.sep) + os.sep
+    out = table.copy()
+    for col in PATH_COLUMNS:
+        if col in out:
+            vals = out[col].astype(object)
+            under = vals.map(lambda v: isinstance(v, str) and os.path.isabs(v) and v.startswith(root))
+            if under.any():
+                out.loc[under, col] = vals[under].map(lambda v: v[len(root):])
+    return out
+
+
 def write_batch_plans(plan: Plan, batches: dict, folder) -> list[str]:
     """Write ``folder/{batch}.tsv`` for every batch; a file is rewritten only if its content
     changed, so Snakemake does not rerun unchanged batches. Returns the batches rewritten.
 
     A digest of (plan signature, batch scan list) per batch file (in ``folder/.digests.json``)
     skips even rendering an unchanged batch, so this stays cheap at every workflow parse.
+    Paths under the working directory are written relative to it (:func:`relative_to_workdir`);
+    a plan written before that, with the same files under absolute paths, is kept as it is.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -565,9 +585,11 @@ def write_batch_plans(plan: Plan, batches: dict, folder) -> list[str]:
             continue
         if rows_of is None:  # positions of each scan's files, computed once for all batches
             rows_of = plan.files.groupby("scan_id").indices if len(plan.files) else {}
-        content = _render(batch_table(plan, ids, rows_of))
+        table = batch_table(plan, ids, rows_of)
+        content = _render(relative_to_workdir(table))
         try:
-            same = path.read_bytes() == content
+            old = path.read_bytes()
+            same = old == content or old == _render(table)  # written before paths were relative
         except OSError:
             same = False
         if not same:
