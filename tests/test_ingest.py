@@ -181,6 +181,21 @@ def test_index_records_non_dicom_truncated_and_reuses_cache(tmp_path, monkeypatc
     assert b"PHIMARKER" not in __import__("gzip").decompress(cache.read_bytes())
 
 
+def test_index_of_a_moved_project_is_reused(tmp_path, monkeypatch):
+    import shutil
+
+    write_series(tmp_path / "proj" / "in" / "a", n=4)
+    monkeypatch.chdir(tmp_path / "proj")  # the workdir, data and results inside it
+    df = ix.index_dicom("in", threads=1, cache=Path("results/index.tsv"))
+    assert str(tmp_path) not in Path("results/index.tsv").read_text()  # paths stored relative
+    shutil.copytree(tmp_path / "proj", tmp_path / "moved", symlinks=True)  # like cp -a: mtimes kept
+    monkeypatch.chdir(tmp_path / "moved")
+    monkeypatch.setattr(ix, "read_header", lambda *a: pytest.fail("header re-read after the move"))
+    again = ix.index_dicom("in", threads=1, cache=Path("results/index.tsv"))
+    assert again["path"].tolist() == [p.replace(str(tmp_path / "proj"), str(tmp_path / "moved")) for p in df["path"]]
+    assert all(os.path.isfile(p) for p in again["path"])
+
+
 def test_index_processes_match_serial(tmp_path):
     write_series(tmp_path / "a", n=8)
     write_series(tmp_path / "b", n=8, patient="OTHER")

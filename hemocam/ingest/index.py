@@ -354,6 +354,30 @@ def _cache_dtypes() -> dict:
             **{c: "bool" for c in BOOL_COLS}}
 
 
+def relative_paths(paths: pd.Series, workdir=None) -> pd.Series:
+    """Absolute paths under ``workdir`` (default: the current directory, Snakemake's workdir)
+    made relative to it; others unchanged. What hemocam writes to its own tables, so that a
+    project folder moved whole (data inside) still matches them."""
+    root = os.path.abspath(workdir or os.getcwd()).rstrip(os.sep) + os.sep
+    under = paths.astype(str).str.startswith(root).to_numpy(bool)
+    if not under.any():
+        return paths
+    out = paths.astype(object)  # a copy
+    out[under] = out[under].str.slice(len(root))
+    return out
+
+
+def absolute_paths(paths: pd.Series, workdir=None) -> pd.Series:
+    """The inverse of :func:`relative_paths`: relative paths joined to ``workdir``."""
+    root = os.path.abspath(workdir or os.getcwd())
+    rel = ~paths.str.startswith(os.sep)
+    if not rel.any():
+        return paths
+    out = paths.copy()
+    out[rel] = root + os.sep + paths[rel]
+    return out
+
+
 def _load_cache(cache: Path) -> pd.DataFrame | None:
     """The cached index, or None when absent, unreadable or of another layout."""
     if not cache.exists() or not Path(str(cache) + ".key").exists():
@@ -364,9 +388,11 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
             log.info("index: cache %s has another layout; rebuilding", cache)
             return None
         # typed read (no per-column coercion afterwards): ~2 s for 870k rows uncompressed
-        return pd.read_csv(cache, sep="\t", dtype=_cache_dtypes(), keep_default_na=False,
-                           na_values={c: [""] for c in FLOAT_COLS + INT_COLS},
-                           quoting=3)  # csv.QUOTE_NONE: values never hold tabs or newlines
+        df = pd.read_csv(cache, sep="\t", dtype=_cache_dtypes(), keep_default_na=False,
+                         na_values={c: [""] for c in FLOAT_COLS + INT_COLS},
+                         quoting=3)  # csv.QUOTE_NONE: values never hold tabs or newlines
+        df["path"] = absolute_paths(df["path"])
+        return df
     except Exception as exc:
         log.warning("index: ignoring unreadable cache %s (%s)", cache, exc)
         return None
@@ -374,8 +400,9 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
 
 def _write_cache(df: pd.DataFrame, cache: Path):
     compression = {"method": "gzip", "compresslevel": 1, "mtime": 0} if str(cache).endswith(".gz") else None
+    out = df[CACHE_COLUMNS].assign(path=relative_paths(df["path"]))  # a moved project keeps its index
     with atomic_path(cache) as tmp:
-        df[CACHE_COLUMNS].to_csv(tmp, sep="\t", index=False, quoting=3, compression=compression)
+        out.to_csv(tmp, sep="\t", index=False, quoting=3, compression=compression)
 
 
 def _patient_groups(df: pd.DataFrame) -> pd.Series:

@@ -542,17 +542,13 @@ PATH_COLUMNS = ("path", "image", "mask")
 
 
 def relative_to_workdir(table: pd.DataFrame, workdir=None) -> pd.DataFrame:
-    """Input paths under ``workdir`` (default: the current directory, Snakemake's workdir)
-    made relative to it; others stay as they are. A project folder moved or copied whole (data
-    inside it, e.g. the demo cohort) then renders the same batch plans, and reruns nothing."""
-    root = os.path.abspath(workdir or os.getcwd()).rstrip(os.sep) + os.sep
+    """Input paths under the working directory made relative to it (:func:`ix.relative_paths`):
+    a project folder moved or copied whole (data inside, e.g. the demo cohort) then renders the
+    same batch plans, and reruns nothing."""
     out = table.copy()
     for col in PATH_COLUMNS:
         if col in out:
-            vals = out[col].astype(object)
-            under = vals.map(lambda v: isinstance(v, str) and os.path.isabs(v) and v.startswith(root))
-            if under.any():
-                out.loc[under, col] = vals[under].map(lambda v: v[len(root):])
+            out[col] = ix.relative_paths(out[col], workdir)
     return out
 
 
