@@ -54,6 +54,8 @@ RUN_SPECIFIC = (
 )
 JOB_HEADER = re.compile(r"^(?P<local>local)?(?:rule|checkpoint) (?P<rule>\w+):\s*$", re.M)
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
+SUBMITTED_AS = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
+JOB_BLOCK = re.compile(r"^(?:rule|checkpoint) \w+:\n((?:    .*\n)*)", re.M)
 RUN_ID = re.compile(r"SLURM run ID: (\S+)")
 
 
@@ -196,12 +198,29 @@ def _wait(cmd, proc, log, timeout, workdir):
 
 
 def _sacct(run_id, since):
-    fields = "JobID,JobName,Comment,Partition,Account,State,ReqTRES,AllocTRES"
+    fields = "JobID,JobName,Comment,Partition,Account,State,ReqTRES,AllocTRES,Timelimit"
     out = subprocess.run(
         ["sacct", "-X", "-n", "-P", f"--name={run_id}", f"--starttime={since}", f"--format={fields}"],
         capture_output=True, text=True, check=True,
     ).stdout
     return pd.read_csv(io.StringIO(out), sep="|", names=fields.split(","), dtype=str, keep_default_na=False)
+
+
+def _minutes(timelimit):
+    """sacct's [D-]HH:MM:SS -> minutes."""
+    days, _, hms = timelimit.rpartition("-")
+    h, m, sec = map(int, hms.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + sec / 60
+
+
+def _runtimes(text):
+    """Slurm job id -> the runtime (minutes) Snakemake computed for the job it submitted."""
+    by_job = {}
+    for block in JOB_BLOCK.finditer(text):
+        jobid, runtime = re.search(r"jobid: (\d+)", block[1]), re.search(r"\bruntime=(\d+)", block[1])
+        if jobid and runtime:
+            by_job[jobid[1]] = int(runtime[1])
+    return {slurm_id: by_job[job] for job, slurm_id in SUBMITTED_AS.findall(text)}
 
 
 def _rule_of(comment):
@@ -305,6 +324,13 @@ def test_demo_workflow_runs_on_slurm_through_the_shipped_profile(slurm_cluster, 
         else:
             assert job.Partition == "hemocam" and "gres/gpu" not in job.ReqTRES, what
         assert job.Account == "hemocam", what
+
+    # Each job's time limit is the runtime Snakemake computed for it (batch jobs: their rule's
+    # minutes plus batching.seconds_per_scan per scan), so the plugin passed it on as sbatch -t.
+    runtimes = _runtimes(slurm_text)
+    assert set(runtimes) == submitted
+    limits = {job.JobID: _minutes(job.Timelimit) for _, job in jobs.iterrows()}
+    assert limits == runtimes, (limits, runtimes)
 
     # Same results as the local run: NIfTI voxels and headers, tables, model weights.
     slurm_out, local_out = _outputs(slurm_wd / "results"), _outputs(local_wd / "results")

@@ -94,3 +94,30 @@ def test_cam_parameter_reruns_only_what_follows(demo_run, tmp_path):
     assert jobs.get("cam_batch") and jobs.get("pseudomask_batch") and jobs.get("evaluate")
     for untouched in ("demo_cohort", "ingest_batch", "preprocess_batch", "train_classifier", "classify_batch"):
         assert untouched not in jobs, jobs
+
+
+def _job_blocks(output: str, rule: str) -> list[str]:
+    """The dry run's printout of each job of `rule`: the indented lines under its header."""
+    return re.findall(rf"^rule {rule}:\n((?:    .*\n?)*)", output, re.M)
+
+
+def test_batch_time_limits_grow_with_their_scans(demo_run, tmp_path):
+    overlay = tmp_path / "slow.yaml"
+    overlay.write_text("batching:\n  seconds_per_scan:\n    cam: 600\n")
+    out = run_snakemake(demo_run, "-n", "--forcerun", "cam_batch", configfiles=(CPU_SMALL, TINY, overlay))
+    text = out.stdout + out.stderr
+    scans = pd.read_csv(demo_run / "results/scans.tsv", sep="\t")
+    n_ok = int((scans["status"] == "ok").sum())
+    sizes = [n_ok // 2 + n_ok % 2, n_ok // 2]  # batching.gpu_jobs: 2 in the tiny overlay
+    limits = sorted(int(re.search(r"\bruntime=(\d+)", b).group(1)) for b in _job_blocks(text, "cam_batch"))
+    assert limits == sorted(120 + 10 * n for n in sizes), text[-3000:]
+
+
+def test_execution_settings_rerun_no_science(demo_run, tmp_path):
+    # time limits and job counts say how the workflow runs, not what it computes: only the
+    # provenance record (which keeps the whole config) is rewritten
+    overlay = tmp_path / "times.yaml"
+    overlay.write_text("batching:\n  seconds_per_scan:\n    segment: 60\n")
+    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
+    jobs = dry_run_jobs(out.stdout + out.stderr)
+    assert set(jobs) <= {"provenance", "provenance_page", "all"}, jobs

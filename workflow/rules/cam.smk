@@ -17,7 +17,7 @@ rule cam_batch:
     resources:
         gpu=1,
         mem_mb=8000,
-        runtime=120,
+        runtime=batch_runtime("gpu", "cam", 120),
     params:
         scans=batch_scans("gpu"),
         results=results_dir(2),

@@ -55,7 +55,7 @@ rule classify_batch:
     resources:
         gpu=1,
         mem_mb=8000,
-        runtime=120,
+        runtime=batch_runtime("classify", "classify", 120),
     params:
         scans=batch_scans("classify"),
         results=results_dir(2),

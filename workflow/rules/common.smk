@@ -1,5 +1,6 @@
 # Shared planning: config validation, the scan plan and the batches per-scan stages run in.
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -179,6 +180,20 @@ def batch_scans(kind):
         return batches(kind)[wildcards.batch]
 
     return scans
+
+
+def batch_runtime(kind, stage, minutes):
+    """`runtime` (minutes: Slurm --time) of a batch job: `minutes` plus
+    batching.seconds_per_scan[stage] per scan of its batch, times the attempt, so that a large
+    cohort's batches ask for the time they need and a job killed at its limit is retried with
+    more time instead of the same."""
+    per_scan = float(config["batching"]["seconds_per_scan"][stage])
+
+    def runtime(wildcards, attempt):
+        n = len(batches(kind)[wildcards.batch])
+        return attempt * (minutes + math.ceil(n * per_scan / 60))
+
+    return runtime
 
 
 def manifests(stage, kind):

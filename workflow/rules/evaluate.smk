@@ -27,6 +27,6 @@ rule evaluate:
         runtime=60,
     params:
         results=results_dir(1),
-        config=public_config(),
+        config={"evaluate": config["evaluate"]},
     script:
         "../scripts/evaluate.py"

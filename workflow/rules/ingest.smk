@@ -44,7 +44,7 @@ rule ingest_batch:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=batch_runtime("cpu", "ingest", 60),
     params:
         results=results_dir(2),
     script:

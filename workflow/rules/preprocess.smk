@@ -15,7 +15,7 @@ rule preprocess_batch:
     threads: 1
     resources:
         mem_mb=2000,
-        runtime=60,
+        runtime=batch_runtime("cpu", "preprocess", 60),
     params:
         scans=batch_scans("cpu"),
         results=results_dir(2),

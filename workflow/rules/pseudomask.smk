@@ -18,7 +18,7 @@ rule pseudomask_batch:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=batch_runtime("gpu", "pseudomask", 60),
     params:
         scans=batch_scans("gpu"),
         results=results_dir(2),

@@ -52,7 +52,7 @@ rule figures_scans:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=120,
+        runtime=batch_runtime("gpu", "figures", 120),
     params:
         scans=batch_scans("gpu"),
         results=results_dir(2),

@@ -53,7 +53,7 @@ rule segment_batch:
     resources:
         gpu=1,
         mem_mb=8000,
-        runtime=120,
+        runtime=batch_runtime("gpu", "segment", 120),
     params:
         scans=batch_scans("gpu"),
         results=results_dir(2),
