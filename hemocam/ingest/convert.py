@@ -289,6 +289,18 @@ def _gaps(rows: pd.DataFrame) -> np.ndarray:
     return np.diff(pos)
 
 
+def missing_positions(gaps: np.ndarray) -> int:
+    """Slice positions absent from a series with these gaps: gaps of about 2, 3, ... times the
+    median (the spacing) count 1, 2, ...; uneven acquisitions (spiral helical steps) count none."""
+    if gaps.size < 2:
+        return 0
+    step = float(np.median(gaps))
+    if step <= 0:
+        return 0
+    ratio = gaps / step
+    return int(np.sum(np.where(ratio > 1.5, np.round(ratio) - 1, 0)))
+
+
 def usable_rows(files: pd.DataFrame, scan_id: str, cfg: dict) -> tuple[pd.DataFrame, list, list]:
     """(files dcm2niix converts, files dropped, notes) of a series' index rows; InputError if none.
 
@@ -296,9 +308,12 @@ def usable_rows(files: pd.DataFrame, scan_id: str, cfg: dict) -> tuple[pd.DataFr
     remaining slices still make a valid volume; otherwise the scan is rejected naming them.
     """
     min_slices = int(cfg.get("ingest", {}).get("min_slices", 1))
-    if not files["sop_uid"].is_unique:
-        files = files.drop_duplicates("sop_uid", keep="first")
     usable = files["readable"] & files["has_pixels"] & ~files["truncated"]
+    # a copied slice: keep an intact copy over a truncated one; no SOPInstanceUID: its own instance
+    copy = files.assign(_bad=~usable).sort_values("_bad", kind="stable").duplicated("sop_uid")
+    copy = copy.reindex(files.index) & (files["sop_uid"] != "")
+    if copy.any():
+        files, usable = files[~copy], usable[~copy]
     bad = files.loc[~usable, "path"].tolist()
     rows = files[usable].copy()
     notes = []
@@ -364,6 +379,10 @@ def convert_series(files: pd.DataFrame, scan_id: str, out_path, cfg: dict, conve
         notes.append({"tilt_eq": "gantry tilt corrected and resampled to even spacing by dcm2niix",
                       "tilt": "gantry tilt corrected by dcm2niix",
                       "eq": "uneven slice spacing resampled to even spacing by dcm2niix"}[kind])
+    missing = missing_positions(gaps)
+    if missing:  # a lost file or an incomplete transfer, not the scanner: the slices are made up
+        notes.append(f"{missing} slice position(s) missing (gaps up to {gaps.max():.2f} mm against "
+                     f"{np.median(gaps):.2f} mm spacing), filled by dcm2niix's interpolation")
     if data.shape[2] < min_slices:
         raise InputError(f"{name}: {data.shape[2]} slices < ingest.min_slices {min_slices}")
     wrap = np.array([wrap_fault(b, p, i) for b, p, i in zip(rows["bits_stored"].tolist(),

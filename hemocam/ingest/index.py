@@ -52,14 +52,17 @@ INT_COLS = [
 # always known
 SIZE_COLS = ["file_size", "mtime_ns", "pixel_offset", "pixel_length", "expected_pixel_bytes"]
 BOOL_COLS = ["readable", "has_pixels", "truncated"]
-# cache-only: pseudonym of the PatientID (HMAC under the cache's secret)
-CACHE_ONLY = ["patient_key"]
+# cache-only: pseudonym of the PatientID (HMAC under the cache's secret), and the version of
+# read_header that wrote the row
+CACHE_ONLY = ["patient_key", "reader"]
+# 2: fragments walked to the delimiter (elements may follow it), files without file meta,
+# MediaStorageSOPInstanceUID when SOPInstanceUID is missing
+READER = "2"
 
 COLUMNS = STR_COLS + FLOAT_COLS + INT_COLS + SIZE_COLS + BOOL_COLS
 CACHE_COLUMNS = COLUMNS + CACHE_ONLY
 INDEX_COLUMNS = COLUMNS + ["patient_group"]
 
-_SEQ_DELIM_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 _IMPLICIT = "1.2.840.10008.1.2"
@@ -117,7 +120,11 @@ def walk_tree(roots) -> tuple[pd.DataFrame, dict]:
         for entry in entries:
             try:
                 if entry.is_dir():
-                    stack.append(entry.path)
+                    if _unwritable_name(entry.path):
+                        log.warning("index: skipping folder %r and everything in it: its name has a tab or "
+                                    "newline or is not valid UTF-8 (rename it to include it)", os.fsencode(entry.path))
+                    else:
+                        stack.append(entry.path)
                     continue
                 st = entry.stat()
             except OSError:  # dangling symlink, permission: not a file we can read
@@ -126,14 +133,28 @@ def walk_tree(roots) -> tuple[pd.DataFrame, dict]:
                 paths.append(entry.path)
                 sizes.append(st.st_size)
                 mtimes.append(st.st_mtime_ns)
-    bad = [p for p in paths if "\t" in p or "\n" in p or "\r" in p] if paths else []
-    if bad:  # such names would break the TSV cache and batch plans
-        log.warning("index: skipping %d file(s) with a tab or newline in the name, e.g. %r", len(bad), bad[0])
-        keep = [i for i, p in enumerate(paths) if p not in set(bad)]
+    bad = [p for p in paths if _unwritable_name(p)] if paths else []
+    if bad:  # such names would break the TSV cache and batch plans (and crash planning)
+        log.warning("index: skipping %d file(s) whose path has a tab or newline or is not valid UTF-8 "
+                    "(rename them to include them), e.g. %r", len(bad), os.fsencode(bad[0]))
+        skip = set(bad)
+        keep = [i for i, p in enumerate(paths) if p not in skip]
         paths, sizes, mtimes = [paths[i] for i in keep], [sizes[i] for i in keep], [mtimes[i] for i in keep]
     files = pd.DataFrame({"path": pd.array(paths, dtype=str), "file_size": np.array(sizes, dtype=np.int64),
                           "mtime_ns": np.array(mtimes, dtype=np.int64)})
     return files, folders
+
+
+def _unwritable_name(path: str) -> bool:
+    """A tab or newline, or bytes that are not UTF-8 (a Latin-1 folder name from a Windows or
+    USB export, which Python keeps as surrogates): cannot go into a UTF-8 TSV."""
+    if "\t" in path or "\n" in path or "\r" in path:
+        return True
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def walk_files(roots) -> pd.DataFrame:
@@ -196,21 +217,62 @@ def _pixel_element(fp, pos, transfer_syntax):
     return pos, length, 8
 
 
+def _fragments_complete(fp, start: int, file_size: int) -> bool:
+    """Whether the encapsulated pixel data from ``start`` (its first item) runs through whole
+    items to the sequence delimiter inside the file; elements may follow the delimiter."""
+    pos = start
+    while pos + 8 <= file_size:
+        fp.seek(pos)
+        group, elem, length = struct.unpack("<HHI", fp.read(8))
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return True
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            return False
+        pos += 8 + length
+    return False
+
+
+def _encoding(ds) -> str:
+    """The transfer syntax the dataset was read with: its file meta's, or for a file without
+    one (no group 0002) the encoding pydicom detected."""
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if ts:
+        return ts
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    return _IMPLICIT if implicit else ("1.2.840.10008.1.2.1" if little or little is None else _BIG_ENDIAN)
+
+
+def _looks_like_raw_dataset(fp) -> bool:
+    """A DICOM dataset stored without preamble or 'DICM' (old archives): it starts with a
+    group 0008 element, as dcm2niix also accepts."""
+    fp.seek(0)
+    head = fp.read(4)
+    fp.seek(0)
+    return head[:2] == b"\x08\x00"
+
+
 def read_header(path: str, file_size: int) -> dict:
     """One index row for ``path``; never raises for a bad file."""
-    row = {"path": path, "file_size": int(file_size), "readable": False, "has_pixels": False,
+    row = {"path": path, "file_size": int(file_size), "reader": READER, "readable": False, "has_pixels": False,
            "truncated": False, "pixel_offset": -1, "pixel_length": -1, "expected_pixel_bytes": 0}
     try:
         with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False, specific_tags=list(_INDEX_TAGS))
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False, specific_tags=list(_INDEX_TAGS))
+            except InvalidDicomError:
+                if not _looks_like_raw_dataset(fp):
+                    raise
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, specific_tags=list(_INDEX_TAGS))
+                if not ds.get("SOPClassUID") and not ds.get("Modality"):
+                    raise
             pos = fp.tell()
             meta = getattr(ds, "file_meta", None)
-            ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+            ts = _encoding(ds)
             pixel = _pixel_element(fp, pos, ts)
-            tail = b""
+            complete = True
             if pixel is not None and pixel[1] == 0xFFFFFFFF:
-                fp.seek(max(0, file_size - 8))
-                tail = fp.read(8)
+                complete = _fragments_complete(fp, pixel[0] + pixel[2], file_size)
     except InvalidDicomError:
         row["error"] = "not DICOM (no 'DICM' prefix / file meta)"
         return row
@@ -220,7 +282,7 @@ def read_header(path: str, file_size: int) -> dict:
     row["error"] = ""
     row["readable"] = True
     g = ds.get
-    row["sop_uid"] = str(g("SOPInstanceUID", "") or "")
+    row["sop_uid"] = str(g("SOPInstanceUID", "") or (meta.get("MediaStorageSOPInstanceUID", "") if meta is not None else "") or "")
     row["series_uid"] = str(g("SeriesInstanceUID", "") or "")
     row["study_uid"] = str(g("StudyInstanceUID", "") or "")
     row["modality"] = str(g("Modality", "") or "")
@@ -269,7 +331,7 @@ def read_header(path: str, file_size: int) -> dict:
     available = file_size - offset - head
     if length == 0xFFFFFFFF:
         # encapsulated (compressed): the fragment sequence must be closed by its delimiter
-        row["truncated"] = tail != _SEQ_DELIM_LE
+        row["truncated"] = not complete
     else:
         row["truncated"] = available < min(length, expected) if expected else available < length
         if expected and length < expected:
@@ -384,7 +446,8 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
         return None
     try:
         header = pd.read_csv(cache, sep="\t", nrows=0, quoting=3).columns.tolist()
-        if header != CACHE_COLUMNS:
+        before_reader = header == [c for c in CACHE_COLUMNS if c != "reader"]
+        if header != CACHE_COLUMNS and not before_reader:
             log.info("index: cache %s has another layout; rebuilding", cache)
             return None
         # typed read (no per-column coercion afterwards): ~2 s for 870k rows uncompressed
@@ -392,10 +455,19 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
                          na_values={c: [""] for c in FLOAT_COLS + INT_COLS},
                          quoting=3)  # csv.QUOTE_NONE: values never hold tabs or newlines
         df["path"] = absolute_paths(df["path"])
+        if before_reader:
+            df["reader"] = "1"
         return df
     except Exception as exc:
         log.warning("index: ignoring unreadable cache %s (%s)", cache, exc)
         return None
+
+
+def _stale(old: pd.DataFrame) -> pd.Series:
+    """Cached rows to read again: files an older read_header could not use (unreadable,
+    truncated, without a SOP instance UID), whose verdict the current one may change."""
+    unusable = ~old["readable"] | old["truncated"] | (old["sop_uid"] == "")
+    return unusable & (old["reader"] != READER)
 
 
 def _write_cache(df: pd.DataFrame, cache: Path):
@@ -447,13 +519,17 @@ def index_dicom(root, threads: int = 8, cache=None, executor: str = "auto", file
     todo = files
     if assume_unchanged and old is not None:
         keep, todo = old, files.iloc[:0]
+        stale = _stale(old)
+        if stale.any():
+            keep, todo = old[~stale], files[stale]
     elif old is not None:
         # position of each walked file in the cache (hash lookup, no merge of wide frames)
         pos = pd.Index(old["path"]).get_indexer(files["path"])
         found = pos >= 0
         safe = np.where(found, pos, 0)
         hit = found & (old["file_size"].to_numpy()[safe] == files["file_size"].to_numpy()) \
-            & (old["mtime_ns"].to_numpy()[safe] == files["mtime_ns"].to_numpy())
+            & (old["mtime_ns"].to_numpy()[safe] == files["mtime_ns"].to_numpy()) \
+            & ~_stale(old).to_numpy()[safe]
         if hit.all() and len(old) == len(files):
             keep = old  # nothing changed: the cache as it is, in its order
         else:

@@ -86,11 +86,16 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
 
     usable = (img["has_pixels"].to_numpy() & ~img["truncated"].to_numpy())
     normals = slice_normals(img)
-    # the same SOP instance twice (copied file): converted once
-    dup = img.duplicated(["series_uid", "sop_uid"]).to_numpy() & usable
+    # the same SOP instance twice (copied file): converted once, from an intact copy; a file
+    # without a SOPInstanceUID is its own instance
+    has_sop = (img["sop_uid"] != "").to_numpy()
+    copies = np.zeros(len(img), bool)
+    copies[has_sop] = img[has_sop].duplicated(["series_uid", "sop_uid"]).to_numpy()
+    dup = np.zeros(len(img), bool)
+    dup[usable & has_sop] = img[usable & has_sop].duplicated(["series_uid", "sop_uid"]).to_numpy()
     mod_codes, mod_uniq = pd.factorize(img["modality"].to_numpy())
     f = pd.DataFrame({
-        "sid": sid, "one": 1, "usable": usable, "dup": dup,
+        "sid": sid, "one": 1, "usable": usable, "dup": dup, "copies": copies,
         "loc": flag("image_type", lambda v: "LOCALIZER" in v.upper()),
         "sc": flag("sop_class_uid", lambda v: v.startswith(SECONDARY_CAPTURE)),
         "non_ct": mod_uniq[mod_codes] != "CT" if len(mod_uniq) else np.zeros(len(img), bool),
@@ -100,6 +105,8 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
         "n_z": normals[:, 2], "pos": np.round((img[["ipp_0", "ipp_1", "ipp_2"]].to_numpy(float) * normals).sum(axis=1), 2),
         "rows": img["rows"].fillna(-1).astype(np.int64).to_numpy(), "cols": img["cols"].fillna(-1).astype(np.int64).to_numpy(),
         "geom_missing": img[["iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5", "ipp_0", "ipp_1", "ipp_2"]].isna().any(axis=1).to_numpy(),
+        # without PixelSpacing dcm2niix assumes 1 mm: volumes in mL would be silently wrong
+        "spacing_missing": ~(img[["pixel_spacing_row", "pixel_spacing_col"]].to_numpy(float) > 0).all(axis=1),
     })
     iop_cols = ["iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5"]
     for c in iop_cols:
@@ -115,7 +122,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
         "localizer": g["loc"].any(),
         "patient_group": g["patient_group"].min(),
         "first_row": g["row"].min(),
-        "n_dup": g["dup"].sum(),
+        "n_dup": g["copies"].sum(),
         "n_truncated": g["truncated"].sum(),
     }).reindex(idx_all)
     nonct = f[f["non_ct"]].groupby("sid")["mod"].first().reindex(idx_all)
@@ -128,6 +135,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     s["n_frames"] = gu["frames"].sum().reindex(idx_all).fillna(0).astype(np.int64)
     s["multiframe"] = gu["frames"].max().reindex(idx_all).fillna(1) > 1
     s["geom_missing"] = gu["geom_missing"].any().reindex(idx_all).fillna(True).astype(bool)
+    s["spacing_missing"] = gu["spacing_missing"].any().reindex(idx_all).fillna(True).astype(bool)
     iop_spread = gu[iop_cols].max() - gu[iop_cols].min()
     s["iop_mixed"] = (iop_spread.max(axis=1) > 1e-3).reindex(idx_all).fillna(False).astype(bool)
     nz = gu["n_z"].median().reindex(idx_all)
@@ -156,6 +164,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
            + " file(s) truncated or without pixel data)")
     reject(s["multiframe"], "multi-frame (enhanced) CT is not supported")
     reject(s["geom_missing"], "no image geometry (ImageOrientationPatient/ImagePositionPatient missing)")
+    reject(s["spacing_missing"], "no pixel size (PixelSpacing missing, malformed or not positive)")
     reject((s["n_usable"] == 1) & (s["tilt_deg"] > max_tilt), "localizer (single non-axial image)")
     reject(s["iop_mixed"], "mixed slice orientations in one series")
     reject(s["tilt_deg"] > max_tilt,

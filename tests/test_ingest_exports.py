@@ -1,0 +1,150 @@
+"""Raw PACS-export quirks at ingestion: copies, compressed files with trailing elements, files
+without file meta, missing UIDs, spacing or slices, and names that are not UTF-8."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from hemocam.ingest import index as ix
+from test_ingest import cfg_for, decode_slices, run_all, write_series
+
+
+def _rewrite(paths, edit, **save):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            edit(ds)
+            ds.save_as(p, **save)
+
+
+def test_an_intact_copy_of_a_slice_wins_over_a_truncated_one(tmp_path):
+    rows = write_series(tmp_path / "in" / "a_first", n=9)
+    victim = rows.sort_values("z")["path"].iloc[4]
+    (tmp_path / "in" / "b_retry").mkdir()
+    shutil.copy(victim, tmp_path / "in" / "b_retry" / Path(victim).name)  # the export retried
+    Path(victim).write_bytes(Path(victim).read_bytes()[:-300])
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    row = table.iloc[0]
+    assert row["status"] == "ok", row["reason"]
+    assert "truncated" not in row["notes"] and "missing" not in row["notes"], row["notes"]
+    assert "1 duplicate SOP instance file(s) ignored" in row["notes"]
+    assert decode_slices(tmp_path / "res" / "nifti" / f"{row['scan_id']}.nii.gz").round().tolist() == list(range(9))
+
+
+def test_compressed_slices_followed_by_other_elements_are_complete(tmp_path):
+    rows = write_series(tmp_path / "in", n=6)
+
+    def rle_then_padding(ds):
+        ds.compress(RLELossless)
+        ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)  # trailing padding after the pixel data
+
+    _rewrite(rows["path"], rle_then_padding)
+    idx = ix.index_dicom(tmp_path / "in", threads=1)
+    assert idx["readable"].all() and idx["has_pixels"].all() and not idx["truncated"].any()
+    cut = rows["path"][0]  # cut inside a fragment: truncated still
+    Path(cut).write_bytes(Path(cut).read_bytes()[:-200])
+    idx = ix.index_dicom(tmp_path / "in", threads=1).set_index("path")
+    assert idx.loc[cut, "truncated"] and int(idx["truncated"].sum()) == 1
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    assert table["status"].iloc[0] == "ok" and "dropped 1 truncated file(s)" in table["notes"].iloc[0]
+
+
+def test_files_without_file_meta_are_read(tmp_path):
+    rows = write_series(tmp_path / "in", n=6)
+
+    def strip_meta(ds):
+        del ds.file_meta
+        ds.preamble = None
+
+    # old archives: the bare dataset, implicit VR, no preamble, no 'DICM', no group 0002
+    _rewrite(rows["path"], strip_meta, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert Path(rows["path"][0]).read_bytes()[128:132] != b"DICM"
+    (tmp_path / "in" / "notes.bin").write_bytes(b"\x08\x00 not a dataset at all")
+    idx = ix.index_dicom(tmp_path / "in", threads=1).set_index("path")
+    dicom = idx.loc[rows["path"]]
+    assert dicom["readable"].all() and dicom["has_pixels"].all() and not dicom["truncated"].any()
+    assert (dicom["transfer_syntax"] == "1.2.840.10008.1.2").all()
+    assert not idx.loc[str(tmp_path / "in" / "notes.bin"), "readable"]
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    assert table["status"].iloc[0] == "ok", table["reason"].iloc[0]
+    assert decode_slices(tmp_path / "res" / "nifti" / f"{table['scan_id'].iloc[0]}.nii.gz").round().tolist() == list(range(6))
+
+
+def test_a_missing_sop_instance_uid_falls_back_to_the_file_meta(tmp_path):
+    rows = write_series(tmp_path / "in", n=6)
+
+    def drop_sop(ds):
+        del ds.SOPInstanceUID
+
+    _rewrite(rows["path"], drop_sop)
+    idx = ix.index_dicom(tmp_path / "in", threads=1).set_index("path")
+    assert idx.loc[rows["path"], "sop_uid"].tolist() == rows["sop"].tolist()
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    assert table["status"].iloc[0] == "ok" and "duplicate" not in table["notes"].iloc[0]
+
+
+def test_a_series_without_pixel_spacing_is_rejected(tmp_path):
+    rows = write_series(tmp_path / "in", n=6)
+
+    def drop_spacing(ds):
+        del ds.PixelSpacing  # dcm2niix would take 1 mm: every volume in mL silently wrong
+
+    _rewrite(rows["path"], drop_spacing)
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    assert table["status"].iloc[0] == "rejected"
+    assert table["reason"].iloc[0] == "no pixel size (PixelSpacing missing, malformed or not positive)"
+
+
+def test_a_missing_slice_is_named_in_the_notes(tmp_path):
+    rows = write_series(tmp_path / "in", n=10, dz=5.0)
+    os.remove(rows.sort_values("z")["path"].iloc[5])  # lost in transfer
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    row = table.iloc[0]
+    assert row["status"] == "ok"
+    assert "1 slice position(s) missing (gaps up to 10.00 mm against 5.00 mm spacing)" in row["notes"], row["notes"]
+
+
+def test_a_folder_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path, caplog):
+    root = tmp_path / "in"
+    write_series(root / "good", n=6)
+    bad = os.path.join(os.fsencode(root), b"M\xfcller")  # Latin-1, as Windows/USB exports write it
+    os.makedirs(bad)
+    for p in (root / "good").iterdir():
+        shutil.copy(p, os.path.join(bad, os.fsencode(p.name)))
+    with open(os.path.join(os.fsencode(root / "good"), b"IM\xe9.dcm"), "wb") as fh:
+        fh.write(b"x")
+    with caplog.at_level(logging.WARNING, logger="hemocam"):
+        plan, table = run_all(cfg_for(root, fmt="dicom"), tmp_path / "res")
+    assert (table["status"] == "ok").sum() == 1 and table["source"].tolist() == ["good"]
+    assert "skipping folder b'" in caplog.text and "M\\xfcller" in caplog.text
+    assert "not valid UTF-8" in caplog.text and "IM\\xe9.dcm" in caplog.text
+
+
+def test_an_older_index_rereads_only_the_files_it_could_not_use(tmp_path, monkeypatch):
+    rows = write_series(tmp_path / "in", n=6)
+    _rewrite(rows["path"][:1], lambda ds: (ds.compress(RLELossless), ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)))
+    cache = tmp_path / "index.tsv"
+    ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
+    # the cache as an earlier version wrote it: no reader column, that file called truncated
+    old = pd.read_csv(cache, sep="\t", dtype=str, keep_default_na=False, quoting=3).drop(columns="reader")
+    old.loc[old["path"].str.endswith(Path(rows["path"][0]).name), "truncated"] = "True"
+    old.to_csv(cache, sep="\t", index=False, quoting=3)
+    calls = []
+    real = ix.read_header
+    monkeypatch.setattr(ix, "read_header", lambda p, s: calls.append(p) or real(p, s))
+    df = ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
+    assert calls == [rows["path"][0]] and not df["truncated"].any()
+    calls.clear()
+    ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
+    assert calls == []  # re-read once, then cached under the current reader
