@@ -131,20 +131,36 @@ def test_a_folder_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path, caplog):
     assert "not valid UTF-8" in caplog.text and "IM\\xe9.dcm" in caplog.text
 
 
-def test_an_older_index_rereads_only_the_files_it_could_not_use(tmp_path, monkeypatch):
-    rows = write_series(tmp_path / "in", n=6)
-    _rewrite(rows["path"][:1], lambda ds: (ds.compress(RLELossless), ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)))
-    cache = tmp_path / "index.tsv"
-    ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
-    # the cache as an earlier version wrote it: no reader column, that file called truncated
-    old = pd.read_csv(cache, sep="\t", dtype=str, keep_default_na=False, quoting=3).drop(columns="reader")
-    old.loc[old["path"].str.endswith(Path(rows["path"][0]).name), "truncated"] = "True"
-    old.to_csv(cache, sep="\t", index=False, quoting=3)
-    calls = []
-    real = ix.read_header
-    monkeypatch.setattr(ix, "read_header", lambda p, s: calls.append(p) or real(p, s))
-    df = ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
-    assert calls == [rows["path"][0]] and not df["truncated"].any()
-    calls.clear()
-    ix.index_dicom(tmp_path / "in", threads=1, cache=cache)
-    assert calls == []  # re-read once, then cached under the current reader
+def test_folder_names_spelling_header_values_are_shown_removed(tmp_path):
+    # a PACS export: patient folder, study folder named after the accession number
+    patient = tmp_path / "in" / "Doe_PHIMARKERNAME_PHIMARKERID"
+    a = write_series(patient / "PHIMARKERACC_CT_HEAD", n=8)
+    b = write_series(patient / "PHIMARKERACC_CT_BONE", n=4)
+    Path(a["path"][3]).write_bytes(Path(a["path"][3]).read_bytes()[:-100])  # dropped, noted
+    Path(b["path"][1]).write_bytes(Path(b["path"][1]).read_bytes()[:-100])  # too few left: rejected
+    res = tmp_path / "res"
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), res)
+    table = table.set_index("source")
+    assert set(table.index) == {"[removed]_[removed]_[removed]/[removed]_CT_HEAD",
+                                "[removed]_[removed]_[removed]/[removed]_CT_BONE"}
+    head, bone = table.loc["[removed]_[removed]_[removed]/[removed]_CT_HEAD"], table.loc["[removed]_[removed]_[removed]/[removed]_CT_BONE"]
+    assert head["status"] == "ok" and f"dropped 1 truncated file(s): {Path(a['path'][3]).name}" in head["notes"]
+    assert bone["reason"].startswith(f"[removed]_[removed]_[removed]/[removed]_CT_BONE/{Path(b['path'][1]).name}: truncated")
+    shown = (res / "scans.tsv").read_text()
+    assert "PHIMARKER" not in shown and "Doe" not in shown
+    # the planning cache alone keeps the paths it reads the files from
+    assert "PHIMARKERNAME" in (res / "ingest" / "index.tsv").read_text()
+
+
+def test_path_spans_survive_a_moved_root_and_shown_keeps_the_rest():
+    from hemocam.ingest.phi import REMOVED, path_spans, redact, shown
+
+    values = ["Doe^Jane", "Doe", "Jane", "ACC123"]
+    path = "/mnt/export/DOE_JANE/acc123_ct/IM0001"
+    spans = path_spans(path, values)
+    assert shown(path, spans) == f"/mnt/export/{REMOVED}_{REMOVED}/{REMOVED}_ct/IM0001"
+    assert shown("DOE_JANE/acc123_ct/IM0001", spans) == f"{REMOVED}_{REMOVED}/{REMOVED}_ct/IM0001"
+    assert shown("/elsewhere/DOE_JANE/acc123_ct/IM0001", spans).startswith(f"/elsewhere/{REMOVED}")
+    assert shown("acc123_ct/IM0001", path_spans("/data/doe/acc123_ct/IM0001", values)) == f"{REMOVED}_ct/IM0001"
+    assert path_spans("/data/ct/IM0001", values) == "" and shown("/data/ct/IM0001", "") == "/data/ct/IM0001"
+    assert redact("Doe^Jane in /x/doe_jane", values) == f"{REMOVED} in /x/{REMOVED}_{REMOVED}"

@@ -35,20 +35,12 @@ import pydicom
 
 from hemocam.ingest.hu import scaled, to_hu_int16, wrap_fault
 from hemocam.ingest.index import quiet_pydicom
+from hemocam.ingest.phi import identifying_values, redact
 from hemocam.ingest.series import slice_normals
 from hemocam.io import InputError, save_nifti
 
 log = logging.getLogger("hemocam")
 
-# header values that identify a person or a place; scrubbed from anything dcm2niix prints
-PHI_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
-    "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber", "InstitutionName",
-    "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
-    "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
-    "RequestingPhysician", "StationName", "DeviceSerialNumber", "StudyID", "PatientMotherBirthName",
-    "MilitaryRank", "EthnicGroup", "PatientComments", "MedicalRecordLocator",
-)
 # variants dcm2niix writes for one series, best first (tilt-corrected, then equidistant)
 _VARIANTS = (("tilt_eq", re.compile(r"^_Tilt_Eq_\d+$")), ("tilt", re.compile(r"^_Tilt_\d+$")),
              ("eq", re.compile(r"^_Eq_\d+$")), ("plain", re.compile(r"^$")))
@@ -91,39 +83,19 @@ def find_dcm2niix() -> str:
 
 
 def phi_values(path) -> list[str]:
-    """Identifying strings of one file's header (whole values and name parts, >= 3 chars)."""
+    """Identifying strings of one file's header (see ``phi.identifying_values``)."""
     try:
         with quiet_pydicom():
             ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:
         return []
-    out = set()
-    for kw in PHI_KEYWORDS:
-        val = ds.get(kw, None)
-        if val is None:
-            continue
-        vals = val if isinstance(val, (list, tuple, pydicom.multival.MultiValue)) else [val]
-        for v in vals:
-            text = str(v).strip()
-            for part in [text, *re.split(r"[\^=\s]+", text)]:
-                if len(part) >= 3:
-                    out.add(part)
-    return sorted(out, key=len, reverse=True)
+    return identifying_values(ds)
 
 
 def scrub(text: str, phi: list[str]) -> str:
     """Only dcm2niix's warning/error/summary lines, with identifying values replaced."""
     lines = [ln for ln in text.splitlines() if _KEEP_LINE.search(ln)]
-    out = "\n".join(lines)
-    # ASCII value and text: one whose lower case is not in the text cannot match (saves hundreds
-    # of regex passes over a batched call's log); otherwise it is tried, as re.I folds more
-    low = out.lower() if out.isascii() else None
-    for value in phi:
-        if low is not None and value.isascii() and value.lower() not in low:
-            continue
-        out = re.sub(re.escape(value), "[removed]", out, flags=re.I)
-        low = out.lower() if out.isascii() else None
-    return _DATE.sub("[date removed]", out)
+    return _DATE.sub("[date removed]", redact("\n".join(lines), phi))
 
 
 def scratch_dir(series_bytes: int, shm="/dev/shm") -> str | None:

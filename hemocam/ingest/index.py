@@ -31,6 +31,7 @@ import pydicom
 import pydicom.config
 from pydicom.errors import InvalidDicomError
 
+from hemocam.ingest.phi import PHI_KEYWORDS, identifying_values, path_spans
 from hemocam.io import atomic_path
 
 log = logging.getLogger("hemocam")
@@ -38,6 +39,7 @@ log = logging.getLogger("hemocam")
 STR_COLS = [
     "path", "sop_uid", "series_uid", "study_uid", "modality", "sop_class_uid", "image_type",
     "transfer_syntax", "error",
+    "phi_spans",  # where the path spells an identifying header value (phi.path_spans)
 ]
 FLOAT_COLS = [
     "iop_0", "iop_1", "iop_2", "iop_3", "iop_4", "iop_5", "ipp_0", "ipp_1", "ipp_2",
@@ -52,12 +54,8 @@ INT_COLS = [
 # always known
 SIZE_COLS = ["file_size", "mtime_ns", "pixel_offset", "pixel_length", "expected_pixel_bytes"]
 BOOL_COLS = ["readable", "has_pixels", "truncated"]
-# cache-only: pseudonym of the PatientID (HMAC under the cache's secret), and the version of
-# read_header that wrote the row
-CACHE_ONLY = ["patient_key", "reader"]
-# 2: fragments walked to the delimiter (elements may follow it), files without file meta,
-# MediaStorageSOPInstanceUID when SOPInstanceUID is missing
-READER = "2"
+# cache-only: pseudonym of the PatientID (HMAC under the cache's secret)
+CACHE_ONLY = ["patient_key"]
 
 COLUMNS = STR_COLS + FLOAT_COLS + INT_COLS + SIZE_COLS + BOOL_COLS
 CACHE_COLUMNS = COLUMNS + CACHE_ONLY
@@ -73,7 +71,8 @@ _INDEX_TAGS = (
     "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "SOPClassUID", "ImageType",
     "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "RescaleIntercept",
     "RescaleSlope", "GantryDetectorTilt", "PixelPaddingValue", "Rows", "Columns", "BitsAllocated", "BitsStored",
-    "PixelRepresentation", "InstanceNumber", "NumberOfFrames", "SamplesPerPixel", "SeriesNumber", "PatientID",
+    "PixelRepresentation", "InstanceNumber", "NumberOfFrames", "SamplesPerPixel", "SeriesNumber",
+    *PHI_KEYWORDS,  # read only to find them in the path (phi_spans); never stored
 )
 
 
@@ -254,7 +253,7 @@ def _looks_like_raw_dataset(fp) -> bool:
 
 def read_header(path: str, file_size: int) -> dict:
     """One index row for ``path``; never raises for a bad file."""
-    row = {"path": path, "file_size": int(file_size), "reader": READER, "readable": False, "has_pixels": False,
+    row = {"path": path, "file_size": int(file_size), "readable": False, "has_pixels": False,
            "truncated": False, "pixel_offset": -1, "pixel_length": -1, "expected_pixel_bytes": 0}
     try:
         with open(path, "rb") as fp:
@@ -281,6 +280,7 @@ def read_header(path: str, file_size: int) -> dict:
         return row
     row["error"] = ""
     row["readable"] = True
+    row["phi_spans"] = path_spans(path, identifying_values(ds))
     g = ds.get
     row["sop_uid"] = str(g("SOPInstanceUID", "") or (meta.get("MediaStorageSOPInstanceUID", "") if meta is not None else "") or "")
     row["series_uid"] = str(g("SeriesInstanceUID", "") or "")
@@ -446,8 +446,7 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
         return None
     try:
         header = pd.read_csv(cache, sep="\t", nrows=0, quoting=3).columns.tolist()
-        before_reader = header == [c for c in CACHE_COLUMNS if c != "reader"]
-        if header != CACHE_COLUMNS and not before_reader:
+        if header != CACHE_COLUMNS:
             log.info("index: cache %s has another layout; rebuilding", cache)
             return None
         # typed read (no per-column coercion afterwards): ~2 s for 870k rows uncompressed
@@ -455,19 +454,10 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
                          na_values={c: [""] for c in FLOAT_COLS + INT_COLS},
                          quoting=3)  # csv.QUOTE_NONE: values never hold tabs or newlines
         df["path"] = absolute_paths(df["path"])
-        if before_reader:
-            df["reader"] = "1"
         return df
     except Exception as exc:
         log.warning("index: ignoring unreadable cache %s (%s)", cache, exc)
         return None
-
-
-def _stale(old: pd.DataFrame) -> pd.Series:
-    """Cached rows to read again: files an older read_header could not use (unreadable,
-    truncated, without a SOP instance UID), whose verdict the current one may change."""
-    unusable = ~old["readable"] | old["truncated"] | (old["sop_uid"] == "")
-    return unusable & (old["reader"] != READER)
 
 
 def _write_cache(df: pd.DataFrame, cache: Path):
@@ -519,17 +509,13 @@ def index_dicom(root, threads: int = 8, cache=None, executor: str = "auto", file
     todo = files
     if assume_unchanged and old is not None:
         keep, todo = old, files.iloc[:0]
-        stale = _stale(old)
-        if stale.any():
-            keep, todo = old[~stale], files[stale]
     elif old is not None:
         # position of each walked file in the cache (hash lookup, no merge of wide frames)
         pos = pd.Index(old["path"]).get_indexer(files["path"])
         found = pos >= 0
         safe = np.where(found, pos, 0)
         hit = found & (old["file_size"].to_numpy()[safe] == files["file_size"].to_numpy()) \
-            & (old["mtime_ns"].to_numpy()[safe] == files["mtime_ns"].to_numpy()) \
-            & ~_stale(old).to_numpy()[safe]
+            & (old["mtime_ns"].to_numpy()[safe] == files["mtime_ns"].to_numpy())
         if hit.all() and len(old) == len(files):
             keep = old  # nothing changed: the cache as it is, in its order
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ from hemocam.ingest.labels import (
 )
 from hemocam.ingest.masks import mask_on_grid
 from hemocam.ingest.nifti import convert_nifti
+from hemocam.ingest.phi import redact
 from hemocam.ingest.plan import read_batch_plan
 from hemocam.io import InputError, save_nifti, write_tsv
 
@@ -173,8 +175,24 @@ def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: 
                 conversion: str | None = None) -> dict:
     """Convert one planned scan; returns its manifest columns (raises InputError to reject).
 
-    ``conversion``: key of the batch's ``BatchConversion`` in this process, if any.
+    ``conversion``: key of the batch's ``BatchConversion`` in this process, if any. Reasons and
+    notes name files: identifying header values of the series are removed from them (a PACS
+    export's folders often spell the patient's name or accession number).
     """
+    rows = _scan_rows(batch_plan_path, cfg_json).get(scan_id)
+    dicom = rows["path"][rows["path"] != ""] if rows is not None else ()
+    phi = functools.cache(lambda: phi_values(dicom.iat[0]) if len(dicom) else [])
+    try:
+        out = _ingest_scan(scan_id, batch_plan_path, cfg_json, results_dir, conversion)
+    except InputError as exc:
+        raise InputError(redact(str(exc), phi())) from None
+    if out["notes"]:
+        out["notes"] = redact(out["notes"], phi())
+    return out
+
+
+def _ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: str,
+                 conversion: str | None = None) -> dict:
     cfg = json.loads(cfg_json)
     plan, labels, labels_path = _context(batch_plan_path, cfg_json)
     rows = _scan_rows(batch_plan_path, cfg_json).get(scan_id, plan.iloc[:0])

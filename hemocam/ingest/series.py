@@ -16,6 +16,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from hemocam.ingest.phi import shown
+
 log = logging.getLogger("hemocam")
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1-.7.4
@@ -130,7 +132,12 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     s["other_modality"] = mod_names[nonct.fillna(len(mod_uniq)).astype(int).to_numpy()]
     bad_rows = f.loc[~f["usable"]].groupby("sid")["row"].min().reindex(idx_all)
     paths = img["path"].to_numpy()
-    s["first_bad"] = [paths[int(r)] if r == r else np.nan for r in bad_rows.to_numpy()]
+    spans = img["phi_spans"].to_numpy() if "phi_spans" in img else np.full(len(img), "", dtype=object)
+    bad_paths = pd.Series([paths[int(r)] if r == r else "" for r in bad_rows.to_numpy()], dtype=str)
+    bad_spans = [spans[int(r)] if r == r else "" for r in bad_rows.to_numpy()]
+    # a file as reasons name it: relative to the input root, identifying values removed
+    s["first_bad"] = [shown(p, sp) if p else np.nan
+                      for p, sp in zip(_relative_dirs(bad_paths, roots).tolist(), bad_spans)]
     s["n_usable"] = gu["one"].sum().reindex(idx_all).fillna(0).astype(np.int64)
     s["n_frames"] = gu["frames"].sum().reindex(idx_all).fillna(0).astype(np.int64)
     s["multiframe"] = gu["frames"].max().reindex(idx_all).fillna(1) > 1
@@ -143,9 +150,11 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     s["sizes"] = (gu["rows"].nunique() + gu["cols"].nunique()).reindex(idx_all).fillna(0)
     # distinct slice positions (0.01 mm) along the normal; fewer than files: repeated positions
     s["n_pos"] = u.drop_duplicates(["sid", "pos"]).groupby("sid").size().reindex(idx_all).fillna(0).astype(np.int64)
-    # source: the folder of the series' first file, relative to the input root
-    first_dirs = pd.Series([os.path.dirname(paths[r]) for r in s["first_row"].to_numpy()], dtype=str)
-    s["source"] = _relative_dirs(first_dirs, roots).to_numpy() if len(first_dirs) else []
+    # source: the folder of the series' first file, relative to the input root, identifying
+    # values (a folder named after the patient) removed
+    first = s["first_row"].to_numpy()
+    first_paths = _relative_dirs(pd.Series([paths[r] for r in first], dtype=str), roots).tolist()
+    s["source"] = [os.path.dirname(shown(p, spans[r])) or "." for p, r in zip(first_paths, first)]
     s.index = pd.Index(np.asarray(uids, dtype=object), name="series_uid")
 
     s["n_slices"] = np.where(s["multiframe"], s["n_frames"], s["n_pos"]).astype(np.int64)
