@@ -164,3 +164,17 @@ def test_path_spans_survive_a_moved_root_and_shown_keeps_the_rest():
     assert shown("acc123_ct/IM0001", path_spans("/data/doe/acc123_ct/IM0001", values)) == f"{REMOVED}_ct/IM0001"
     assert path_spans("/data/ct/IM0001", values) == "" and shown("/data/ct/IM0001", "") == "/data/ct/IM0001"
     assert redact("Doe^Jane in /x/doe_jane", values) == f"{REMOVED} in /x/{REMOVED}_{REMOVED}"
+
+
+def test_a_localizer_image_inside_an_axial_series_is_dropped_not_the_series(tmp_path):
+    rows = write_series(tmp_path / "in" / "axial", n=8)
+    write_series(tmp_path / "in" / "scout", n=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    scout_in_series = rows.sort_values("z")["path"].iloc[0]
+    _rewrite([scout_in_series], lambda ds: setattr(ds, "ImageType", ["DERIVED", "SECONDARY", "LOCALIZER"]))
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    table = table.set_index("source")
+    assert table.loc["scout", "reason"] == "localizer (ImageType LOCALIZER)"
+    axial = table.loc["axial"]
+    assert axial["status"] == "ok" and "1 LOCALIZER image(s) dropped" in axial["notes"], axial.to_dict()
+    assert int(axial["n_slices"]) == 7
+    assert decode_slices(tmp_path / "res" / "nifti" / f"{axial['scan_id']}.nii.gz").round().tolist() == list(range(1, 8))

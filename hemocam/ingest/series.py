@@ -114,14 +114,17 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     for c in iop_cols:
         f[c] = img[c].to_numpy(float)
     g = f.groupby("sid", sort=True)
-    u = f[f["usable"] & ~f["dup"]]
+    # a LOCALIZER image inside an axial series (some exports put the scout in it) is dropped;
+    # a series of nothing but LOCALIZER images is a localizer
+    u = f[f["usable"] & ~f["dup"] & ~f["loc"]]
     gu = u.groupby("sid", sort=True)
     idx_all = np.arange(len(uids))
     s = pd.DataFrame({
         "n_files": g["one"].sum(),
         "any_non_ct": g["non_ct"].any(),
         "sc": g["sc"].any(),
-        "localizer": g["loc"].any(),
+        "localizer": g["loc"].all(),
+        "n_loc": g["loc"].sum(),
         "patient_group": g["patient_group"].min(),
         "first_row": g["row"].min(),
         "n_dup": g["copies"].sum(),
@@ -139,6 +142,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     s["first_bad"] = [shown(p, sp) if p else np.nan
                       for p, sp in zip(_relative_dirs(bad_paths, roots).tolist(), bad_spans)]
     s["n_usable"] = gu["one"].sum().reindex(idx_all).fillna(0).astype(np.int64)
+    s["n_loc"] = s["n_loc"].where(~s["localizer"], 0)  # noted only where dropped from a series
     s["n_frames"] = gu["frames"].sum().reindex(idx_all).fillna(0).astype(np.int64)
     s["multiframe"] = gu["frames"].max().reindex(idx_all).fillna(1) > 1
     s["geom_missing"] = gu["geom_missing"].any().reindex(idx_all).fillna(True).astype(bool)
@@ -190,7 +194,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
 
     notes = pd.Series("", index=s.index, dtype=object)
     # truncated files are noted by the conversion, which drops them
-    for col, text in (("n_dup", "duplicate SOP instance file(s) ignored"),):
+    for col, text in (("n_dup", "duplicate SOP instance file(s) ignored"), ("n_loc", "LOCALIZER image(s) dropped")):
         m = s[col] > 0
         notes[m] = notes[m] + np.where(notes[m] == "", "", "; ") + s.loc[m, col].astype(str) + " " + text
 
