@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hemocam.ingest import index as ix
-from hemocam.ingest.series import SCAN_ID_RE, classify_series
+from hemocam.ingest.series import SCAN_ID_RE, classify_series, is_localizer
 from hemocam.io import InputError, atomic_path, read_tsv, write_json
 
 log = logging.getLogger("hemocam")
@@ -74,7 +74,7 @@ class Plan:
             if idx is None:
                 raise RuntimeError(f"index cache {self._index_cache} is missing: plan the cohort again")
         rows = idx[idx["series_uid"].isin(wanted.keys())]
-        rows = rows[~rows["image_type"].str.upper().str.contains("LOCALIZER", regex=False)]  # see classify_series
+        rows = rows[~is_localizer(rows["image_type"])]  # dropped from their series (classify_series)
         out = rows[FILE_COLUMNS].copy()
         out.insert(0, "scan_id", rows["series_uid"].map(wanted).to_numpy())
         return out.sort_values(["scan_id", "path"], kind="stable").reset_index(drop=True)

@@ -66,6 +66,17 @@ def _relative_dirs(dirs: pd.Series, roots) -> pd.Series:
     return out
 
 
+def _per_value(values, test) -> np.ndarray:
+    """``test`` of each value, computed once per distinct value (870k files hold few)."""
+    codes, uniq = pd.factorize(np.asarray(values, dtype=object))
+    return np.array([test(str(u)) for u in uniq], dtype=bool)[codes] if len(uniq) else np.zeros(len(codes), bool)
+
+
+def is_localizer(image_types) -> np.ndarray:
+    """Per file: its ImageType says LOCALIZER."""
+    return _per_value(image_types, lambda v: "LOCALIZER" in v.upper())
+
+
 def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "uid", key: str = "",
                     roots=None, max_tilt: float = MAX_TILT_DEG) -> pd.DataFrame:
     """One row per series of ``index`` (see ``SERIES_COLUMNS``), rejected ones with a reason.
@@ -82,10 +93,6 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     # string columns become integer codes once; every aggregate below is numeric (870k rows)
     sid, uids = pd.factorize(img["series_uid"].to_numpy(), sort=True)
 
-    def flag(col, test):
-        codes, uniq = pd.factorize(img[col].to_numpy())
-        return np.array([test(str(u)) for u in uniq], dtype=bool)[codes] if len(uniq) else np.zeros(len(img), bool)
-
     usable = (img["has_pixels"].to_numpy() & ~img["truncated"].to_numpy())
     normals = slice_normals(img)
     # the same SOP instance twice (copied file): converted once, from an intact copy; a file
@@ -98,8 +105,8 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     mod_codes, mod_uniq = pd.factorize(img["modality"].to_numpy())
     f = pd.DataFrame({
         "sid": sid, "one": 1, "usable": usable, "dup": dup, "copies": copies,
-        "loc": flag("image_type", lambda v: "LOCALIZER" in v.upper()),
-        "sc": flag("sop_class_uid", lambda v: v.startswith(SECONDARY_CAPTURE)),
+        "loc": is_localizer(img["image_type"]),
+        "sc": _per_value(img["sop_class_uid"], lambda v: v.startswith(SECONDARY_CAPTURE)),
         "non_ct": mod_uniq[mod_codes] != "CT" if len(mod_uniq) else np.zeros(len(img), bool),
         "mod": mod_codes, "truncated": img["truncated"].to_numpy(),
         "patient_group": img["patient_group"].to_numpy(), "row": np.arange(len(img)),
