@@ -115,6 +115,27 @@ def test_a_missing_slice_is_named_in_the_notes(tmp_path):
     assert "1 slice position(s) missing (gaps up to 10.00 mm against 5.00 mm spacing)" in row["notes"], row["notes"]
 
 
+def test_an_image_that_lost_its_series_uid_is_named_beside_its_series(tmp_path, caplog):
+    rows = write_series(tmp_path / "in" / "PHIMARKERACC_CT", n=10, dz=5.0)
+    lost = rows.sort_values("z")["path"].iloc[5]
+    _rewrite([lost], lambda ds: delattr(ds, "SeriesInstanceUID"))
+    _, table = run_all(cfg_for(tmp_path / "in", fmt="dicom"), tmp_path / "res")
+    row = table.iloc[0]
+    assert len(table) == 1 and row["status"] == "ok"
+    assert "1 slice position(s) missing" in row["notes"], row["notes"]
+    assert f"1 image file(s) in its folder without SeriesInstanceUID not used, e.g. {Path(lost).name}" in row["notes"]
+    assert row["source"] == "[removed]_CT"
+    # a folder holding several series (flat, RSNA-style): the file cannot be placed, so a warning
+    flat = tmp_path / "flat"
+    a = write_series(flat, n=6)
+    write_series(flat, n=6)
+    _rewrite([a["path"][2]], lambda ds: delattr(ds, "SeriesInstanceUID"))
+    with caplog.at_level(logging.WARNING, logger="hemocam"):
+        _, table = run_all(cfg_for(flat, fmt="dicom"), tmp_path / "res_flat")
+    assert len(table) == 2 and not table["notes"].str.contains("SeriesInstanceUID").any()
+    assert f"1 image file(s) without SeriesInstanceUID belong to no series and are not used, e.g. {Path(a['path'][2]).name}" in caplog.text
+
+
 def test_a_folder_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path, caplog):
     root = tmp_path / "in"
     write_series(root / "good", n=6)

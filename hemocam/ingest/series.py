@@ -77,18 +77,53 @@ def is_localizer(image_types) -> np.ndarray:
     return _per_value(image_types, lambda v: "LOCALIZER" in v.upper())
 
 
+def _place_orphans(orphans: pd.DataFrame, img: pd.DataFrame, s: pd.DataFrame, roots) -> None:
+    """Name image files without a SeriesInstanceUID beside the series that shares their folder.
+
+    Sets ``s["n_orphan"]`` and ``s["orphan_file"]`` (file name, identifying values removed) on
+    that series; orphans in a folder holding no series, or several (a flat RSNA folder), go to
+    a warning. Folders are computed only here: the common case (no orphan) costs nothing.
+    """
+    folder = orphans["path"].str.rsplit("/", n=1).str[0]
+    img_folder = img["path"].str.rsplit("/", n=1).str[0]
+    near = img_folder.isin(set(folder))
+    series_in = pd.Series(img.loc[near, "series_uid"].to_numpy(), index=img_folder[near].to_numpy())
+    owners = series_in.groupby(level=0).unique()
+    spans = orphans["phi_spans"] if "phi_spans" in orphans else pd.Series("", index=orphans.index)
+    unplaced = []
+    for f, rows in orphans.groupby(folder.to_numpy()).groups.items():
+        uids = owners.get(f, ())
+        first = rows[0]
+        name = shown(orphans.at[first, "path"], spans.at[first]).rsplit("/", 1)[-1]
+        if len(uids) == 1:
+            s.loc[uids[0], "n_orphan"] += len(rows)
+            s.loc[uids[0], "orphan_file"] = name
+        else:
+            unplaced.extend(shown(p, sp) for p, sp in zip(
+                _relative_dirs(orphans.loc[rows, "path"], roots), spans.loc[rows]))
+    if unplaced:
+        log.warning("series: %d image file(s) without SeriesInstanceUID belong to no series and are not used, "
+                    "e.g. %s", len(unplaced), ", ".join(unplaced[:3]))
+
+
 def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "uid", key: str = "",
                     roots=None, max_tilt: float = MAX_TILT_DEG) -> pd.DataFrame:
     """One row per series of ``index`` (see ``SERIES_COLUMNS``), rejected ones with a reason.
 
-    Files without a SeriesInstanceUID (not DICOM, DICOMDIR, ...) belong to no series and are
-    only counted in the log. ``roots``: input folders, to report ``source`` relative to them.
+    Files without a SeriesInstanceUID belong to no series. Non-image ones (not DICOM, DICOMDIR,
+    ...) are counted in the log; an image among them (a header that lost the UID) is named in
+    the notes of the one series sharing its folder, or else in a warning: it is never used.
+    ``roots``: input folders, to report ``source`` relative to them.
     """
-    img = index[(index["series_uid"] != "").to_numpy() & index["readable"].to_numpy()]
-    n_other = len(index) - len(img)
+    in_series = (index["series_uid"] != "").to_numpy() & index["readable"].to_numpy()
+    img = index[in_series]
+    orphan = ~in_series & index["readable"].to_numpy() & index["has_pixels"].to_numpy()
+    n_other = len(index) - len(img) - int(orphan.sum())
     if n_other:
         log.info("series: %d files are not part of any image series (not DICOM, DICOMDIR, ...)", n_other)
     if img.empty:
+        if orphan.any():
+            _place_orphans(index[orphan], img, pd.DataFrame(columns=["n_orphan", "orphan_file"]), roots)
         return pd.DataFrame(columns=SERIES_COLUMNS)
     # string columns become integer codes once; every aggregate below is numeric (870k rows)
     sid, uids = pd.factorize(img["series_uid"].to_numpy(), sort=True)
@@ -199,11 +234,17 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     reject(s["n_pos"] < s["n_usable"],
            lambda d: (d["n_usable"] - d["n_pos"]).astype(str) + " slice(s) repeat a position (several acquisitions in one series)")
 
+    s["n_orphan"], s["orphan_file"] = 0, ""
+    if orphan.any():
+        _place_orphans(index[orphan], img, s, roots)
     notes = pd.Series("", index=s.index, dtype=object)
     # truncated files are noted by the conversion, which drops them
-    for col, text in (("n_dup", "duplicate SOP instance file(s) ignored"), ("n_loc", "LOCALIZER image(s) dropped")):
+    for col, text in (("n_dup", "duplicate SOP instance file(s) ignored"), ("n_loc", "LOCALIZER image(s) dropped"),
+                      ("n_orphan", "image file(s) in its folder without SeriesInstanceUID not used, e.g. ")):
         m = s[col] > 0
         notes[m] = notes[m] + np.where(notes[m] == "", "", "; ") + s.loc[m, col].astype(str) + " " + text
+    m = s["n_orphan"] > 0
+    notes[m] = notes[m] + s.loc[m, "orphan_file"]
 
     out = s.reset_index()
     out["status"] = np.where(reasons.to_numpy() == "", "ok", "rejected")
