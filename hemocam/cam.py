@@ -29,7 +29,8 @@ loop; on an H200 the batched/loop modes reach only ~2 % of the inference rate (t
 backward is a long chain of tiny kernels), hence the sequence path.
 - Grad-CAM: weights = spatial mean of the gradient; map = ReLU(sum_k w_k A_k).
   Grad-CAM++ (``method: gradcampp``): weights = sum_ij alpha_ij ReLU(g_ij) with the usual
-  closed form alpha = g^2 / (2 g^2 + sum_ij A g^3) (exponential-score approximation).
+  closed form alpha_ij = g_ij^2 / (2 g_ij^2 + g_ij^3 sum_ab A_ab) (exponential-score
+  approximation, eq. 19 of Chattopadhyay et al.).
 
 Normalisation: maps are upsampled to S x S and divided by their maximum **over the whole scan**,
 not per slice: a slice whose logit barely responds keeps a low map instead of being stretched to
@@ -186,16 +187,18 @@ def _uses_sequence_path(model: nn.Module, layer: nn.Module) -> bool:
             and isinstance(enc, nn.Module) and any(m is layer for m in enc.modules()))
 
 
-def _sequence_path_grads(model, x, layer, label_indices):
-    """Per-slice gradients for an encode/sequence model with ONE batched head pass.
+def _sequence_path_grads(model, x, layer, label_indices, chunk):
+    """Per-slice gradients for an encode/sequence model, ``chunk`` slices per head pass.
 
     The encoder treats slices independently (eval mode), so d logit_t / d A_t =
     (d logit_t / d f_t) · (d f_t / d A_t) with f the pooled slice features. The first factor for
-    every t at once: run the (cheap) sequence head on T copies of the scan's features, copy b
-    reading out slice b's logit, and differentiate the sum with respect to the copies; the
-    diagonal blocks are the T vectors d logit_t / d f_t. One vector-Jacobian product through the
-    encoder tail then gives every d logit_t / d A_t. Cost: one inference forward, one head
-    forward/backward with batch T (cuDNN on GPU), one backward through the layers after ``layer``.
+    ``chunk`` slices at once: run the (cheap) sequence head on ``chunk`` copies of the scan's
+    features, copy b reading out slice t_b's logit, and differentiate the sum with respect to
+    the copies; copy b's row t_b is d logit_{t_b} / d f_{t_b}. One vector-Jacobian product
+    through the encoder tail then gives every d logit_t / d A_t. Cost: one inference forward,
+    ceil(T / chunk) head passes with batch ``chunk`` (cuDNN on GPU), one backward through the
+    layers after ``layer``. Memory grows as chunk x T, not T x T: a 600-slice thin-slice scan
+    would otherwise hold 600 copies of its sequence for the backward pass.
     """
     store = []
     handle = layer.register_forward_hook(_grad_from_here_hook(store))
@@ -208,15 +211,23 @@ def _sequence_path_grads(model, x, layer, label_indices):
         raise RuntimeError(f"CAM needs one layer call with {x.shape[1]} rows, got {[tuple(a.shape) for a in store]}")
     A = store[0]
     T = x.shape[1]
-    rep = feats.detach()[None].repeat(T, 1, 1).requires_grad_(True)  # (T copies, T slices, F)
+    f0 = feats.detach()
+    g_f = {li: torch.empty_like(f0) for li in label_indices}
+    logits = None
     with _rnn_backward_ready(model, x.device):
-        logits_rep = model.sequence(rep).float()  # (T, T, L)
-    diag = torch.arange(T, device=x.device)
-    grads = {}
-    for li in label_indices:
-        g_f = torch.autograd.grad(logits_rep[diag, diag, li].sum(), rep, retain_graph=True)[0][diag, diag]
-        grads[li] = torch.autograd.grad(feats, A, grad_outputs=g_f.to(feats.dtype), retain_graph=True)[0]
-    return logits_rep[0].detach(), A, grads
+        for s in range(0, T, max(1, int(chunk))):
+            rows = torch.arange(s, min(s + max(1, int(chunk)), T), device=x.device)
+            copy = torch.arange(len(rows), device=x.device)
+            rep = f0[None].repeat(len(rows), 1, 1).requires_grad_(True)  # (copies, T slices, F)
+            out = model.sequence(rep).float()  # (copies, T, L)
+            if logits is None:
+                logits = out[0].detach()
+            for j, li in enumerate(label_indices):
+                g = torch.autograd.grad(out[copy, rows, li].sum(), rep, retain_graph=j + 1 < len(label_indices))[0]
+                g_f[li][rows] = g[copy, rows]
+    grads = {li: torch.autograd.grad(feats, A, grad_outputs=g_f[li].to(feats.dtype), retain_graph=True)[0]
+             for li in label_indices}
+    return logits, A, grads
 
 
 def _weights_and_maps(A, G, method):
@@ -225,7 +236,8 @@ def _weights_and_maps(A, G, method):
         w = G.mean(dim=(2, 3), keepdim=True)
     elif method == "gradcampp":
         g2, g3 = G.pow(2), G.pow(3)
-        denom = 2 * g2 + (A * g3).sum(dim=(2, 3), keepdim=True)
+        # Chattopadhyay et al. eq. 19: the activations' spatial sum scales each position's g^3
+        denom = 2 * g2 + A.sum(dim=(2, 3), keepdim=True) * g3
         alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
         w = (alpha * F.relu(G)).sum(dim=(2, 3), keepdim=True)
     else:
@@ -264,7 +276,7 @@ def slice_cams(
     model.eval()
     try:
         if grad_mode == "sequence":
-            logits, A_seq, seq_grads = _sequence_path_grads(model, x, mod, label_indices)
+            logits, A_seq, seq_grads = _sequence_path_grads(model, x, mod, label_indices, chunk)
         else:
             logits, acts = _forward_with_activations(model, x, mod)
             logits = logits[0]

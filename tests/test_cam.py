@@ -62,6 +62,15 @@ def test_cam_known_answer_through_a_sequence_head(method, grad_mode):
     assert m[0].max() == 0.0 and m[4].max() == 0.0
 
 
+def test_gradcampp_weights_follow_the_paper_by_hand():
+    # alpha_ij = g_ij^2 / (2 g_ij^2 + g_ij^3 sum_ab A_ab): here 1 / (2 + 4) at the one gradient cell
+    A = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    G = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    m = cam._weights_and_maps(A, G, "gradcampp")
+    np.testing.assert_allclose(m[0].numpy(), [[1 / 6, 0.5], [0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(cam._weights_and_maps(A, G, "gradcam")[0].numpy(), [[0.25, 0.75], [0.0, 0.0]])
+
+
 def test_cam_upsamples_and_layer_lookup():
     maps, _ = cam.slice_cams(ToySequence(), toy_scan(), "layer4", [0], out_size=32)
     assert maps[0].shape == (5, 32, 32)
@@ -160,6 +169,11 @@ def test_sequence_path_matches_per_slice_backward_on_resnet_lstm():
     np.testing.assert_allclose(p_seq, p_ref, atol=1e-5)
     for li in (0, 4):
         np.testing.assert_allclose(seq[li], ref[li], atol=1e-4)
+    # fewer copies of the sequence per head pass than slices (long scans): the same maps
+    seq2, p_seq2 = cam.slice_cams(model, x, "layer4", [0, 4], grad_mode="sequence", chunk=2)
+    np.testing.assert_allclose(p_seq2, p_seq, atol=1e-6)
+    for li in (0, 4):
+        np.testing.assert_allclose(seq2[li], seq[li], atol=1e-5)
     pp, _ = cam.slice_cams(model, x, "layer4", [0], "gradcampp")
     pp_ref, _ = cam.slice_cams(model, x, "layer4", [0], "gradcampp", grad_mode="batched")
     np.testing.assert_allclose(pp[0], pp_ref[0], atol=1e-4)
