@@ -33,6 +33,7 @@ from hemocam.io import InputError, read_tsv, write_tsv
 from hemocam.labelset import LABELS
 from hemocam.models.resnet_lstm import ResNetLSTM, load_bundle, save_bundle
 from hemocam.preprocess import cache_paths, load_cache
+from hemocam.settings import CLASSIFIER_EVALUATION_KEYS
 from hemocam.train import EpochSampler, amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device
 
 log = logging.getLogger("hemocam")
@@ -351,11 +352,13 @@ SCAN_STAGE_KEYS = ("window", "batch_size", "epochs", "patience", "freeze_encoder
 def stage_settings(c: dict, stage: str, seed: int, splits: dict) -> dict:
     """What identifies one training stage's run (for :func:`hemocam.train.run_key`).
 
-    The slice stage leaves out the scan stage's settings, and ``slice_epochs`` is its epoch
-    budget (raising it continues the stage, like ``epochs`` for the scan stage). The scan stage
+    Settings that shape evaluation only (``tta``) are left out: changing them re-evaluates the
+    finished model instead of training it again. The slice stage leaves out the scan stage's
+    settings, and ``slice_epochs`` is its epoch budget (raising it continues the stage, like ``epochs`` for the scan stage). The scan stage
     keeps everything: it starts from the slice stage's weights.
     """
-    s = {**c, "seed": seed, "stage": stage, "splits": splits}
+    s = {k: v for k, v in c.items() if k not in CLASSIFIER_EVALUATION_KEYS}
+    s = {**s, "seed": seed, "stage": stage, "splits": splits}
     if stage == "slices":
         s = {k: v for k, v in s.items() if k not in (*SCAN_STAGE_KEYS, "slice_epochs")}
     return s

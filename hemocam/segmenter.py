@@ -35,6 +35,7 @@ from hemocam.io import InputError, atomic_path, load_nifti, read_tsv, save_nifti
 from hemocam.metrics import remove_small_components
 from hemocam.models.unet import UNet, in_channels_for
 from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
+from hemocam.settings import SEGMENTER_OUTPUT_KEYS, segmenter_training
 from hemocam.train import amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device, EpochSampler
 
 log = logging.getLogger("hemocam")
@@ -346,6 +347,11 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
     aug = {key: sc[key] for key in ("rotate_deg", "scale", "shift", "intensity", "noise")} if sc["augment"] else None
     train_ds = SliceDataset(tr[0], tr[1], tr[2], k, aug, crop=int(sc["crop"]), crop_lesion_p=float(sc["crop_lesion_p"]))
     pos = train_ds.positive()
+    if not pos.any():  # else it would learn "no lesion anywhere" and score 1.0 on empty validation targets
+        hint = (" (are the classifier's CAMs on the bleeds? is pseudomask.cam_threshold too high?)"
+                if target == "pseudomask" else "")
+        raise InputError(f"{scans_tsv}: no training slice has a non-empty {target} mask ({len(tr[0])} training "
+                         f"scans): nothing to learn{hint}")
     frac = float(sc["pos_fraction"])
     if pos.any() and (~pos).any() and 0 < frac < 1:
         weights = np.where(pos, frac / pos.sum(), (1 - frac) / (~pos).sum())
@@ -371,7 +377,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         ckpt_dir=bundle_out.parent / "checkpoints", epochs=int(sc["epochs"]), lr=float(sc["lr"]),
         weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
         seed=seed, device=dev, higher_is_better=True,
-        run_key=run_key({**sc, "seed": seed, "target": target, "train": tr[3], "val": va[3]},
+        run_key=run_key({**segmenter_training(sc), "seed": seed, "target": target, "train": tr[3], "val": va[3]},
                         _training_inputs(results_dir, target, tr[3] + va[3])),
     )
     if not hd.is_main():  # DDP: rank 0 writes the outputs
@@ -381,10 +387,10 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         "model": {"in_channels": model.in_channels, "encoder": sc["encoder"], "base": int(sc["base_channels"])},
         "state_dict": {kk: v.detach().cpu() for kk, v in model.state_dict().items()},
         "arch": f"unet-{sc['encoder']}", "windows": tr[4], "size": int(tr[5]), "context": k,
-        "input_scale": 1.0 / 255.0, "target": target, "config": {kk: v for kk, v in sc.items()},
-        "threshold": float(sc["threshold"]), "min_component_voxels": int(sc["min_component_voxels"]),
-        "hu_min": float(sc["hu_min"]), "hu_max": float(sc["hu_max"]),
-        "tta_flip": bool(sc["tta_flip"]), "versions": _versions(), "seed": seed, "world_size": hd.world_size(),
+        # the output settings (HU gate, small components, flip, inference batch) are not part of
+        # the model: the segment rule applies the config's, so changing them retrains nothing
+        "input_scale": 1.0 / 255.0, "target": target, "config": segmenter_training(sc),
+        "threshold": float(sc["threshold"]), "versions": _versions(), "seed": seed, "world_size": hd.world_size(),
         "epoch": int(result["best_epoch"]), "best_score": result["best_score"],
         "train_scans": len(tr[0]), "val_scans": len(va[0]),
     }
@@ -413,8 +419,9 @@ def load_segmenter(path, device=None):
 
 
 @torch.no_grad()
-def predict_scan_probs(model, meta_b: dict, cache: np.ndarray, device, batch: int = 32) -> np.ndarray:
-    """(Z, S, S) float32 lesion probabilities in the cache frame."""
+def predict_scan_probs(model, meta_b: dict, cache: np.ndarray, device, batch: int = 32, tta_flip: bool = True) -> np.ndarray:
+    """(Z, S, S) float32 lesion probabilities in the cache frame; ``tta_flip``: averaged with the
+    left-right mirrored view."""
     stacks = all_stacks(cache, int(meta_b["context"]))
     dtype = amp_dtype(device, meta_b.get("config", {}).get("amp", True))
     out = []
@@ -424,13 +431,20 @@ def predict_scan_probs(model, meta_b: dict, cache: np.ndarray, device, batch: in
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             p = torch.sigmoid(model(x).float())
-            if meta_b.get("tta_flip", False):
+            if tta_flip:
                 p = 0.5 * (p + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
         out.append(p[:, 0].float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
 
-def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device) -> dict:
+def output_config(output: dict | None) -> dict:
+    """The output settings (:data:`hemocam.settings.SEGMENTER_OUTPUT_KEYS`), defaults filled in."""
+    return {k: (output or {}).get(k, DEFAULTS[k]) for k in SEGMENTER_OUTPUT_KEYS}
+
+
+def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device, output: dict | None = None) -> dict:
+    """Probability map and mask of one scan; ``output``: the segmenter's output settings."""
+    o = output_config(output)
     R = Path(results_dir)
     cache, meta = load_cache(*cache_paths(R, scan_id))
     if meta["size"] != meta_b["size"] or (meta_b.get("windows") and meta.get("windows") != meta_b["windows"]):
@@ -438,18 +452,17 @@ def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device) -> dict:
                          f"does not match the segmenter (size {meta_b['size']}, windows {meta_b.get('windows')})")
     if cache.shape[1] * (2 * int(meta_b["context"]) + 1) != meta_b["model"]["in_channels"]:
         raise InputError(f"{cache_paths(R, scan_id)[0]}: {cache.shape[1]} channels do not fit the segmenter")
-    probs = predict_scan_probs(model, meta_b, cache, device, int(meta_b.get("config", {}).get("infer_batch", 32)))
+    probs = predict_scan_probs(model, meta_b, cache, device, int(o["infer_batch"]), bool(o["tta_flip"]))
     prob_xyz = np.clip(to_original_grid(probs, meta, order=1), 0.0, 1.0).astype(np.float32)
     brain, _ = load_nifti(R / "brainmask" / f"{scan_id}.nii.gz")
     if brain.shape != prob_xyz.shape:
         raise InputError(f"{R / 'brainmask' / f'{scan_id}.nii.gz'}: shape {brain.shape} differs from the scan {prob_xyz.shape}")
     mask = (prob_xyz >= float(meta_b["threshold"])) & (brain > 0)
-    if "hu_min" in meta_b:  # bundles from before the HU gate segment without it
-        hu, _ = load_nifti(R / "nifti" / f"{scan_id}.nii.gz")
-        if hu.shape != mask.shape:
-            raise InputError(f"{R / 'nifti' / f'{scan_id}.nii.gz'}: shape {hu.shape} differs from the scan {mask.shape}")
-        mask &= (hu >= float(meta_b["hu_min"])) & (hu <= float(meta_b["hu_max"]))
-    mask = remove_small_components(mask, int(meta_b["min_component_voxels"]))
+    hu, _ = load_nifti(R / "nifti" / f"{scan_id}.nii.gz")
+    if hu.shape != mask.shape:
+        raise InputError(f"{R / 'nifti' / f'{scan_id}.nii.gz'}: shape {hu.shape} differs from the scan {mask.shape}")
+    mask &= (hu >= float(o["hu_min"])) & (hu <= float(o["hu_max"]))
+    mask = remove_small_components(mask, int(o["min_component_voxels"]))
     out = Path(out_dir)
     affine = np.asarray(meta["affine"], float)
     save_nifti(prob_xyz, affine, out / f"{scan_id}_prob.nii.gz", dtype=np.float32)
@@ -458,9 +471,11 @@ def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device) -> dict:
     return {"lesion_ml": round(float(mask.sum()) * voxel_ml, 3)}
 
 
-def segment_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, upstream=(), device=None):
+def segment_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, upstream=(), device=None, output=None):
     """Segment a batch of scans with the model loaded once; writes out_dir/{id}.nii.gz (uint8)
-    and out_dir/{id}_prob.nii.gz (float32) on the NIfTI grid."""
+    and out_dir/{id}_prob.nii.gz (float32) on the NIfTI grid. ``output``: the output settings
+    (the ``segmenter`` keys of :data:`hemocam.settings.SEGMENTER_OUTPUT_KEYS`; defaults else)."""
     model, meta_b, dev = load_segmenter(bundle_path, device)
-    fn = functools.partial(segment_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b, device=dev)
+    fn = functools.partial(segment_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b, device=dev,
+                           output=output)
     return run_batch("segment", list(scan_ids), fn, manifest_out, upstream=upstream)

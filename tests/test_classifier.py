@@ -151,3 +151,5 @@ def test_stage_settings_keep_the_slice_stage_apart_from_scan_settings():
     assert keys(slice_epochs=12) == (base[0], keys(slice_epochs=12)[1]) and keys(slice_epochs=12)[1] != base[1]
     assert all(a != b for a, b in zip(keys(lr=3e-4), base))  # shared settings restart both
     assert all(a != b for a, b in zip(keys(slice_batch_size=16), base))
+    # the test-time flip shapes the evaluation, not the weights: a finished training is kept
+    assert keys(tta=False) == keys(tta=True) == base

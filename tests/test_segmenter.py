@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from hemocam import segmenter as seg
-from hemocam.io import load_nifti, read_tsv, write_tsv
+from hemocam.io import InputError, load_nifti, read_tsv, save_nifti, write_tsv
 from hemocam.phantom import write_nifti_cohort
 from hemocam.preprocess import cache_paths, load_cache, preprocess_batch
+from hemocam.settings import SEGMENTER_OUTPUT_KEYS
 
 WINDOWS = [{"name": "brain", "center": 40, "width": 80}, {"name": "subdural", "center": 80, "width": 200}]
 SEG = {"encoder": "plain", "base_channels": 4, "context_slices": 1, "epochs": 2, "batch_size": 4, "lr": 1e-3,
@@ -98,7 +99,8 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
     b = torch.load(bundle, weights_only=True)
     assert b["kind"] == "unet" and b["context"] == 1 and b["size"] == 32 and b["target"] == "pseudomask"
     assert b["model"]["in_channels"] == 2 * 3 and b["windows"] == WINDOWS and b["seed"] == 1
-    assert (b["hu_min"], b["hu_max"]) == (seg.DEFAULTS["hu_min"], seg.DEFAULTS["hu_max"])  # the output's HU gate
+    # output settings are the segment rule's, not the model's: changing them must retrain nothing
+    assert not set(SEGMENTER_OUTPUT_KEYS) & (set(b) | set(b["config"]))
     assert res["best_epoch"] in (1, 2)
 
     out = R / "segmentation"
@@ -131,6 +133,12 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
     cfg3 = {"seed": 1, "segmenter": {**SEG, "epochs": 3, "patience": 10}}
     seg.train_segmenter(cfg3, R / "scans.tsv", R, "pseudomask", bundle, hist)
     assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 2  # epoch 3 only
+    # output settings (HU gate, flip, components) train nothing
+    out_only = {"hu_min": 30, "hu_max": 100, "tta_flip": False, "min_component_voxels": 5, "infer_batch": 4}
+    counted["n"] = 0
+    seg.train_segmenter({**cfg3, "segmenter": {**cfg3["segmenter"], **out_only}}, R / "scans.tsv", R, "pseudomask",
+                        bundle, hist)
+    assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 0
     train_id = next(s for s, sp in zip(scans["scan_id"], scans["split"]) if sp == "train")
     target = R / "pseudomask" / f"{train_id}.nii.gz"
     st = target.stat()
@@ -151,6 +159,19 @@ def test_groundtruth_target_and_missing_targets(cohort, tmp_path):
                             tmp_path / "b.pt", tmp_path / "h.tsv")
     with pytest.raises(ValueError, match="target"):
         seg.train_segmenter({"seed": 0, "segmenter": SEG}, R / "scans.tsv", R, "cam", tmp_path / "b.pt", tmp_path / "h.tsv")
+    # targets that are all empty (CAMs beside the bleeds): an error, not a model scored 1.0 for
+    # predicting nothing
+    empty = tmp_path / "empty"
+    (empty / "pseudomask").mkdir(parents=True)
+    for d in ("cache", "brainmask", "nifti"):
+        os.symlink(R / d, empty / d)
+    for sid in scans["scan_id"]:
+        m, aff = load_nifti(R / "masks" / f"{sid}.nii.gz")
+        save_nifti(np.zeros_like(m, dtype=np.uint8), aff, empty / "pseudomask" / f"{sid}.nii.gz", dtype=np.uint8)
+    with pytest.raises(InputError, match="no training slice has a non-empty pseudomask mask"):
+        seg.train_segmenter({"seed": 0, "segmenter": SEG}, R / "scans.tsv", empty, "pseudomask",
+                            tmp_path / "b.pt", tmp_path / "h.tsv")
+    assert not (tmp_path / "b.pt").exists()
     cache, meta = load_cache(*cache_paths(R, scans["scan_id"][0]))
     tgt = seg.load_target(scans["scan_id"][0], R, "groundtruth", meta)
     assert tgt.shape == (cache.shape[0], 32, 32) and tgt.dtype == np.uint8
@@ -187,7 +208,7 @@ def test_crop_pair_centres_on_lesions():
 
 
 def test_segment_output_keeps_hyperdense_voxels_only(cohort, tmp_path):
-    """segmenter.hu_min/hu_max gate the output on the scan's HU; bundles without them are not gated."""
+    """segmenter.hu_min/hu_max gate the output on the scan's HU (-1024..3071: no gate)."""
     R, scans = cohort
     sid = scans["scan_id"].iloc[0]
 
@@ -196,10 +217,11 @@ def test_segment_output_keeps_hyperdense_voxels_only(cohort, tmp_path):
             return torch.full((x.shape[0], 1, *x.shape[-2:]), 20.0)
 
     meta_b = {"context": 1, "size": 32, "windows": WINDOWS, "model": {"in_channels": 6}, "threshold": 0.5,
-              "min_component_voxels": 0, "tta_flip": False, "config": {"amp": False}}
+              "config": {"amp": False}}
     cpu = torch.device("cpu")
-    seg.segment_scan(sid, R, tmp_path / "old", AllLesion(), meta_b, cpu)
-    seg.segment_scan(sid, R, tmp_path / "gated", AllLesion(), {**meta_b, "hu_min": 40, "hu_max": 120}, cpu)
+    out = {"min_component_voxels": 0, "tta_flip": False}
+    seg.segment_scan(sid, R, tmp_path / "old", AllLesion(), meta_b, cpu, {**out, "hu_min": -1024, "hu_max": 3071})
+    seg.segment_scan(sid, R, tmp_path / "gated", AllLesion(), meta_b, cpu, {**out, "hu_min": 40, "hu_max": 120})
     brain = load_nifti(R / "brainmask" / f"{sid}.nii.gz")[0] > 0
     hu = load_nifti(R / "nifti" / f"{sid}.nii.gz")[0]
     expected = brain & (hu >= 40) & (hu <= 120)

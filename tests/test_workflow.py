@@ -113,6 +113,16 @@ def test_batch_time_limits_grow_with_their_scans(demo_run, tmp_path):
     assert limits == sorted(120 + 10 * n for n in sizes), text[-3000:]
 
 
+def test_segmenter_output_settings_rerun_inference_only(demo_run, tmp_path):
+    # the HU gate shapes what is written from the model's probabilities, not the model
+    overlay = tmp_path / "gate.yaml"
+    overlay.write_text("segmenter:\n  hu_max: 110\n")
+    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
+    jobs = dry_run_jobs(out.stdout + out.stderr)
+    assert jobs.get("segment_batch") and "evaluate" in jobs, jobs
+    assert "train_segmenter" not in jobs and "train_classifier" not in jobs, jobs
+
+
 def test_execution_settings_rerun_no_science(demo_run, tmp_path):
     # time limits and job counts say how the workflow runs, not what it computes: only the
     # provenance record (which keeps the whole config) is rewritten

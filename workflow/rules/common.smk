@@ -23,6 +23,8 @@ os.environ.update(
 
 validate(config, "../schemas/config.schema.yaml")
 
+from hemocam.settings import segmenter_output, segmenter_training
+
 
 def validate_samplesheet():
     """Reject a bad sample sheet before any job runs, naming the rows at fault."""

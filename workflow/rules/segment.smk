@@ -28,8 +28,11 @@ rule train_segmenter:
     params:
         results=results_dir(1),
         target=lambda wildcards: SEGMENTER_TARGETS[wildcards.model],
+        # the output settings are the segment rule's: changing them retrains nothing
         config=lambda wildcards: {
-            k: config[k] for k in ("seed", "preprocess", "segmenter")
+            "seed": config["seed"],
+            "preprocess": config["preprocess"],
+            "segmenter": segmenter_training(config["segmenter"]),
         },
     script:
         "../scripts/train_segmenter.py"
@@ -57,6 +60,7 @@ rule segment_batch:
     params:
         scans=batch_scans("gpu"),
         results=results_dir(2),
+        output=segmenter_output(config["segmenter"]),
     script:
         "../scripts/segment.py"
 

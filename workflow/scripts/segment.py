@@ -11,4 +11,5 @@ segment_batch(
     out_dir=str(Path(snakemake.output.manifest).parent.parent),
     manifest_out=snakemake.output.manifest,
     upstream=snakemake.input.preprocessed,
+    output=snakemake.params.output,
 )
