@@ -13,7 +13,9 @@ Metrics are those of :mod:`hemocam.metrics` (Dice both-empty = 1, HD95 nan when 
 RVD nan on negative scans). The summary has one row per split (and ``all``) and method:
 ``dice_pos`` (mean Dice on GT-positive scans, the headline number), its standard deviation,
 ``dice_all`` (all scans), ``specificity_scans`` (share of GT-negative scans predicted empty), and
-means over positive scans of HD95, RVD, 2-D Dice and absolute volume error.
+means over positive scans of HD95, RVD, 2-D Dice and absolute volume error. HD95 is undefined
+where a method marks nothing, so its mean covers ``n_hd95_pos`` of the ``n_positive`` scans: a
+method that misses most bleeds can show a small HD95.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                 "dice_all": g["dice"].mean(),
                 "specificity_scans": (neg["vol_pred_ml"] == 0).mean() if len(neg) else np.nan,
                 "hd95_mm_pos": pos["hd95_mm"].mean() if len(pos) else np.nan,
+                # HD95 is undefined where a method marks nothing: the mean above is over these
+                "n_hd95_pos": int(pos["hd95_mm"].notna().sum()),
                 "rvd_pos": pos["rvd"].mean() if len(pos) else np.nan,
                 "dice2d_pos": pos["dice2d"].mean() if len(pos) else np.nan,
                 "vol_abs_err_ml_pos": abs_err.mean() if len(pos) else np.nan,

@@ -80,6 +80,10 @@ def test_evaluate_table_and_summary(results):
     assert row["dice_pos"] == pytest.approx(0.8) and row["dice_all"] == pytest.approx(0.9)
     assert row["specificity_scans"] == 1.0
     assert row["vol_abs_err_ml_pos"] == pytest.approx(3 * 2 / 1000)
+    assert row["n_hd95_pos"] == 1
+    # the pseudo-mask marks nothing on the positive scan: no HD95, and the summary says so
+    pm = s[(s["split"] == "test") & (s["method"] == "pseudomask")].iloc[0]
+    assert pm["n_positive"] == 1 and pm["n_hd95_pos"] == 0 and math.isnan(pm["hd95_mm_pos"])
     assert set(s["split"]) == {"test", "all"}
 
 

@@ -63,6 +63,19 @@ def test_hd95_uses_surface_not_interior():
     assert metrics.hd95(p, g, (1, 1, 1)) == pytest.approx(2**0.5)
 
 
+def test_hd95_on_the_masks_box_equals_the_whole_grid():
+    rng = np.random.default_rng(0)
+    for shape, sl in (((40, 50, 12), (slice(10, 20), slice(5, 30), slice(3, 8))),
+                      ((30, 30, 6), (slice(0, 9), slice(20, 30), slice(0, 6)))):  # touches the grid's edges
+        p, g = np.zeros(shape, bool), np.zeros(shape, bool)
+        p[sl] = rng.random(p[sl].shape) > 0.4
+        g[sl] = rng.random(g[sl].shape) > 0.5
+        spacing = (0.5, 0.7, 5.0)
+        whole = max(np.percentile(metrics.surface_distances(p, g, spacing), 95),
+                    np.percentile(metrics.surface_distances(g, p, spacing), 95))
+        assert metrics.hd95(p, g, spacing) == pytest.approx(whole)
+
+
 def test_hd95_empty_is_nan():
     g = vol()
     g[1, 1, 1] = 1
