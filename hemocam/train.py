@@ -367,7 +367,7 @@ def fit(
     ``loss_fn(model, batch, device) -> loss`` and ``evaluate_fn(model, loader, device) ->
     (score, metrics_dict)`` both run under autocast when AMP is on (``evaluate_fn`` also under
     ``torch.no_grad`` with ``model.eval()``). ``evaluate_fn=None`` or ``val_loader=None``: no
-    validation, the score is the negative training loss. Returns ``{"history": [...],
+    validation, the score is the negative training loss and the last epoch is kept. Returns ``{"history": [...],
     "best_epoch", "best_score", "stopped_early", "best_path", "last_path"}`` with the best weights
     loaded into ``model``. ``keep_last``: validate and record every epoch, but run the whole budget
     and keep the last epoch (a pre-training stage whose schedule, not a small validation set,
@@ -512,7 +512,10 @@ def fit(
                 msg = f"interrupted by SIGTERM while validating epoch {epoch}; a rerun repeats it"
                 logger.error(msg)
                 raise TrainingInterrupted(msg)
-            improved = math.isfinite(score) and (keep_last or best_score is None or sign * score > sign * best_score)
+            # without validation the schedule decides: the last epoch is kept (the lowest training
+            # loss would only pick the most fitted one)
+            improved = math.isfinite(score) and (keep_last or not validate or best_score is None
+                                                 or sign * score > sign * best_score)
             if improved:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
                 if main:

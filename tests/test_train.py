@@ -123,6 +123,23 @@ def test_keep_last_validates_every_epoch_but_keeps_the_last(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.values()))
 
 
+def test_without_validation_the_last_epoch_is_kept(tmp_path):
+    class Rising(Run):  # the training loss rises after epoch 1: the lowest is not the last
+        def loss(self, model, batch, device):
+            return super().loss(model, batch, device) + 0.1 * (self.calls // 6)
+
+    seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    ds = Toy()
+    tl = make_loader(ds, 8, True, 0, 0, "cpu", sampler=EpochSampler(len(ds), True, 0))
+    res = fit(model, tl, None, loss_fn=Rising().loss, evaluate_fn=None, ckpt_dir=tmp_path / "n", epochs=3, lr=1e-2,
+              weight_decay=0.0, patience=1, amp=False, seed=0, device="cpu", progress=False)
+    losses = [h["train_loss"] for h in res["history"]]
+    assert losses[0] < losses[-1] and res["best_epoch"] == 3 and not res["stopped_early"]
+    last = torch.load(tmp_path / "n" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.values()))
+
+
 def test_loader_and_sampler():
     ds = Toy(10)
     dl = make_loader(ds, 4, True, 64, 0, "cpu")
