@@ -372,13 +372,15 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
              "%s encoder, %d input channels, device %s", target, len(train_ds), int(pos.sum()), len(tr[0]), len(va[2]),
              len(va[0]), sc["encoder"], model.in_channels, dev)
     bundle_out = Path(bundle_out)
+    inputs = _training_inputs(results_dir, target, tr[3] + va[3])
     result = fit(
         model, train_loader, val_loader, loss_fn=_loss_fn(float(sc["dice_weight"])), evaluate_fn=evaluate_fn,
         ckpt_dir=bundle_out.parent / "checkpoints", epochs=int(sc["epochs"]), lr=float(sc["lr"]),
         weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
         seed=seed, device=dev, higher_is_better=True,
-        run_key=run_key({**segmenter_training(sc), "seed": seed, "target": target, "train": tr[3], "val": va[3]},
-                        _training_inputs(results_dir, target, tr[3] + va[3])),
+        run_key=tuple(run_key({**settings, "seed": seed, "target": target, "train": tr[3], "val": va[3]}, inputs)
+                      # before 2026-11-29 the key also held the output settings
+                      for settings in (segmenter_training(sc), sc)),
     )
     if not hd.is_main():  # DDP: rank 0 writes the outputs
         return result

@@ -359,7 +359,7 @@ def fit(
     warmup_epochs: float = 1.0,
     progress: bool = True,
     find_unused_parameters: bool = False,
-    run_key: str | None = None,
+    run_key: str | tuple[str, ...] | None = None,
     keep_last: bool = False,
 ) -> dict:
     """Train ``model`` with early stopping on the validation score; resume from ``ckpt_dir/last.pt``.
@@ -372,7 +372,9 @@ def fit(
     loaded into ``model``. ``keep_last``: validate and record every epoch, but run the whole budget
     and keep the last epoch (a pre-training stage whose schedule, not a small validation set,
     decides when it is done). Epochs are numbered from 1. ``run_key`` (:func:`run_key`): a checkpoint
-    written under another key is discarded and training starts from scratch.
+    written under another key is discarded and training starts from scratch. A tuple: this run's
+    key, then keys that earlier versions computed for the same run (an upgrade that changes what
+    the key holds keeps finished trainings); checkpoints are written under the first.
 
     Under torch.distributed (several ranks, see :mod:`hemocam.distributed`): the model is wrapped
     in DistributedDataParallel (``find_unused_parameters`` when some parameters may get no
@@ -416,7 +418,9 @@ def fit(
     history: list[dict] = []
     start_epoch, best_score, best_epoch, bad_epochs, done, stopped_early = 1, None, 0, 0, False, False
     ck = torch.load(last_path, map_location="cpu", weights_only=False) if last_path.exists() else None
-    if ck is not None and run_key is not None and ck.get("run_key") != run_key:
+    keys = (run_key,) if isinstance(run_key, str) or run_key is None else tuple(run_key)
+    run_key = keys[0]
+    if ck is not None and run_key is not None and ck.get("run_key") not in keys:
         if main:
             _emit(log, f"{last_path} was written by a training with other settings or inputs: starting from scratch")
         for p in (last_path, best_path):

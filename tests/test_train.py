@@ -179,6 +179,12 @@ def test_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
     more = Run()
     keyed("b", more, epochs=5)  # a raised epoch budget continues the same run
     assert more.calls == 6
+    # an upgrade that changes what the key holds: the key the old version computed still counts,
+    # and the checkpoint goes on under the new one
+    upgraded = Run()
+    keyed(("c", "b"), upgraded, epochs=6)
+    assert upgraded.calls == 6
+    assert torch.load(tmp_path / "k" / "last.pt", weights_only=False)["run_key"] == "c"
 
 
 def test_run_key_follows_settings_and_inputs(tmp_path):
