@@ -354,8 +354,9 @@ def stage_settings(c: dict, stage: str, seed: int, splits: dict) -> dict:
 
     Settings that shape evaluation only (``tta``) are left out: changing them re-evaluates the
     finished model instead of training it again. The slice stage leaves out the scan stage's
-    settings, and ``slice_epochs`` is its epoch budget (raising it continues the stage, like ``epochs`` for the scan stage). The scan stage
-    keeps everything: it starts from the slice stage's weights.
+    settings, and ``slice_epochs`` is its epoch budget (raising it continues the stage, like
+    ``epochs`` for the scan stage). The scan stage keeps everything: it starts from the slice
+    stage's weights.
     """
     s = {k: v for k, v in c.items() if k not in CLASSIFIER_EVALUATION_KEYS}
     s = {**s, "seed": seed, "stage": stage, "splits": splits}
