@@ -347,11 +347,13 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
     aug = {key: sc[key] for key in ("rotate_deg", "scale", "shift", "intensity", "noise")} if sc["augment"] else None
     train_ds = SliceDataset(tr[0], tr[1], tr[2], k, aug, crop=int(sc["crop"]), crop_lesion_p=float(sc["crop_lesion_p"]))
     pos = train_ds.positive()
-    if not pos.any():  # else it would learn "no lesion anywhere" and score 1.0 on empty validation targets
+    if not pos.any():
+        # the run goes on (the evaluation and report show the outcome against ground truth), but
+        # a model trained on empty targets marks nothing and scores 1.0 on empty validation ones
         hint = (" (are the classifier's CAMs on the bleeds? is pseudomask.cam_threshold too high?)"
                 if target == "pseudomask" else "")
-        raise InputError(f"{scans_tsv}: no training slice has a non-empty {target} mask ({len(tr[0])} training "
-                         f"scans): nothing to learn{hint}")
+        log.warning("segmenter: no training slice has a non-empty %s mask (%d training scans): the model learns "
+                    "to mark nothing, and its validation score says nothing%s", target, len(tr[0]), hint)
     frac = float(sc["pos_fraction"])
     if pos.any() and (~pos).any() and 0 < frac < 1:
         weights = np.where(pos, frac / pos.sum(), (1 - frac) / (~pos).sum())
