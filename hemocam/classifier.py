@@ -472,9 +472,10 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
                      amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"),
                      find_unused_parameters=aux_w <= 0,  # DDP: the aux head is then unused
                      keep_last=name == "slices" and len(stages) > 1,
-                     # before 2026-11-29 the key also held tta
-                     run_key=tuple(run_key({**stage_settings(c, name, seed, splits), **extra}, inputs)
-                                   for extra in ({}, {k: c[k] for k in CLASSIFIER_EVALUATION_KEYS})))
+                     # before 2026-11-29 the key held tta and the files' mtimes
+                     run_key=tuple(run_key({**stage_settings(c, name, seed, splits), **extra}, inputs, content=content)
+                                   for extra, content in (({}, True),
+                                                          ({k: c[k] for k in CLASSIFIER_EVALUATION_KEYS}, False))))
         model.freeze_encoder(False)
         h = pd.DataFrame(result["history"])
         h.insert(0, "stage", name)

@@ -380,9 +380,10 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         ckpt_dir=bundle_out.parent / "checkpoints", epochs=int(sc["epochs"]), lr=float(sc["lr"]),
         weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
         seed=seed, device=dev, higher_is_better=True,
-        run_key=tuple(run_key({**settings, "seed": seed, "target": target, "train": tr[3], "val": va[3]}, inputs)
-                      # before 2026-11-29 the key also held the output settings
-                      for settings in (segmenter_training(sc), sc)),
+        # before 2026-11-29 the key held the output settings and the files' mtimes
+        run_key=tuple(run_key({**settings, "seed": seed, "target": target, "train": tr[3], "val": va[3]}, inputs,
+                              content=content)
+                      for settings, content in ((segmenter_training(sc), True), (sc, False))),
     )
     if not hd.is_main():  # DDP: rank 0 writes the outputs
         return result

@@ -277,17 +277,44 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_key(settings: dict, files=(), ignore=("epochs", "patience", "num_workers")) -> str:
-    """Identity of a training run: its settings (a flat dict) and the files it reads (name, size,
-    mtime).
+_WHOLE_FILE = 1 << 20  # files up to 1 MiB are hashed whole
+_SAMPLES, _SAMPLE = 4, 1 << 14
 
-    The top-level ``ignore`` keys are left out: ``epochs`` and ``patience`` so that raising the
-    epoch budget continues a run; ``num_workers`` does not change what is computed.
+
+def file_fingerprint(path) -> tuple[str, int, str]:
+    """(name, size, digest of the content): the same bytes rewritten later keep it.
+
+    Files up to 1 MiB are hashed whole; larger ones (training caches) by four 16 KiB blocks at
+    1/8, 3/8, 5/8 and 7/8 of their length: a cache remade from other data differs on every slice,
+    one remade with other settings differs in size or in its meta file, and 25,000 caches cost
+    1.6 GB of reads instead of 140 GB.
     """
-    stats = []
-    for f in files:
-        st = os.stat(f)
-        stats.append((Path(f).name, st.st_size, st.st_mtime_ns))
+    size = os.stat(path).st_size
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        if size <= _WHOLE_FILE:
+            h.update(fh.read())
+        else:
+            for k in range(_SAMPLES):
+                fh.seek((2 * k + 1) * size // (2 * _SAMPLES))
+                h.update(fh.read(_SAMPLE))
+    return Path(path).name, int(size), h.hexdigest()
+
+
+def run_key(settings: dict, files=(), ignore=("epochs", "patience", "num_workers"), content: bool = True) -> str:
+    """Identity of a training run: its settings (a flat dict) and the files it reads.
+
+    Files count by name, size and content (:func:`file_fingerprint`), not modification time: a
+    job that rewrites identical outputs (a rerun after new job batching) keeps a finished
+    training. ``content=False`` is the key of versions before 2026-11-29 (name, size, mtime),
+    for callers that accept it as an earlier key of the same run. The top-level ``ignore`` keys
+    are left out: ``epochs`` and ``patience`` so that raising the epoch budget continues a run;
+    ``num_workers`` does not change what is computed.
+    """
+    if content:
+        stats = [file_fingerprint(f) for f in files]
+    else:
+        stats = [(Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     kept = {k: v for k, v in settings.items() if k not in ignore}
     blob = json.dumps([kept, sorted(stats)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

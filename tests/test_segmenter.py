@@ -143,8 +143,14 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
     train_id = next(s for s, sp in zip(scans["scan_id"], scans["split"]) if sp == "train")
     target = R / "pseudomask" / f"{train_id}.nii.gz"
     st = target.stat()
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as if rewritten by a rerun
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten alike by a rerun: kept
     counted["n"] = 0
+    seg.train_segmenter(cfg3, R / "scans.tsv", R, "pseudomask", bundle, hist)
+    assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 0
+    m, aff = load_nifti(target)  # a pseudo-mask made anew, with other content: trained anew
+    m[m > 0] = 0
+    m[2:6, 2:6, len(m[0, 0]) // 2] = 1
+    save_nifti(m.astype(np.uint8), aff, target, dtype=np.uint8)
     seg.train_segmenter(cfg3, R / "scans.tsv", R, "pseudomask", bundle, hist)
     assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 6  # all three epochs again
 

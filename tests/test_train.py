@@ -187,6 +187,25 @@ def test_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
     assert torch.load(tmp_path / "k" / "last.pt", weights_only=False)["run_key"] == "c"
 
 
+def test_file_fingerprint_follows_content_not_time(tmp_path):
+    from hemocam.train import file_fingerprint, run_key
+
+    small, big = tmp_path / "a.json", tmp_path / "c.npy"
+    small.write_bytes(b"x" * 100)
+    data = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8)
+    big.write_bytes(data.tobytes())
+    before = (file_fingerprint(small), file_fingerprint(big), run_key({"a": 1}, [small, big]))
+    for f in (small, big):  # rewritten with the same bytes later
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(1, 10**18))
+    assert (file_fingerprint(small), file_fingerprint(big), run_key({"a": 1}, [small, big])) == before
+    assert run_key({"a": 1}, [small, big], content=False) != before[2]  # the old key: mtimes
+    small.write_bytes(b"y" + b"x" * 99)
+    data[len(data) * 5 // 8 + 10] ^= 1  # inside a sampled block of a large file
+    big.write_bytes(data.tobytes())
+    assert file_fingerprint(small) != before[0] and file_fingerprint(big) != before[1]
+
+
 def test_run_key_follows_settings_and_inputs(tmp_path):
     from hemocam.train import run_key
 
