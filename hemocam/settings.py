@@ -14,10 +14,25 @@ SEGMENTER_OUTPUT_KEYS = ("min_component_voxels", "hu_min", "hu_max", "tta_flip",
 # the classifier's test-time flip shapes its test metrics and slice probabilities, not its weights
 CLASSIFIER_EVALUATION_KEYS = ("tta",)
 
+# how a training runs, not what it computes: out of the segmenter's rule params (the classifier's
+# rule keeps its whole section: dropping keys from it would rerun every finished classifier, and
+# all that follows, once on upgrade)
+EXECUTION_KEYS = ("num_workers",)
+
+# whether the upper-bound segmenter is trained at all: no setting of the pseudo-mask one
+SEGMENTER_WORKFLOW_KEYS = ("upper_bound",)
+
 
 def segmenter_training(cfg_seg: dict) -> dict:
-    """The ``segmenter`` section without the keys that only shape its output."""
-    return {k: v for k, v in (cfg_seg or {}).items() if k not in SEGMENTER_OUTPUT_KEYS}
+    """The ``segmenter`` section without the keys that do not shape its training."""
+    leave = (*SEGMENTER_OUTPUT_KEYS, *EXECUTION_KEYS, *SEGMENTER_WORKFLOW_KEYS)
+    return {k: v for k, v in (cfg_seg or {}).items() if k not in leave}
+
+
+def with_whole_section(cfg: dict, full_config: dict, section: str) -> dict:
+    """``cfg`` (a training's params) with the keys of ``section`` its params leave out, from the
+    whole config: the script runs with every setting, the rule reruns only for those it lists."""
+    return {**cfg, section: {**full_config.get(section, {}), **cfg.get(section, {})}}
 
 
 def segmenter_output(cfg_seg: dict) -> dict:

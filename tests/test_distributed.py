@@ -79,7 +79,7 @@ def _fake_snakemake(script, tmp, gpu, threads=4):
     if script == "train_classifier.py":
         out["metrics"] = str(tmp / "metrics.tsv")
     return ns(input=ns(scans=str(tmp / "scans.tsv")), output=ns(**out), params=ns(**params),
-              log=[str(tmp / "log.txt")], threads=threads, resources=ns(gpu=gpu, mem_mb=1000))
+              log=[str(tmp / "log.txt")], threads=threads, resources=ns(gpu=gpu, mem_mb=1000), config={})
 
 
 @pytest.mark.parametrize("script, what", [("train_classifier.py", "classifier"), ("train_segmenter.py", "segmenter")])
@@ -114,7 +114,7 @@ import json, runpy, sys, types
 a = json.loads(sys.argv[1])
 ns = lambda d: types.SimpleNamespace(**d)
 snakemake = types.SimpleNamespace(input=ns(a["input"]), output=ns(a["output"]), params=ns(a["params"]),
-                                  log=[a["log"]], threads=a["threads"], resources=ns(a["resources"]))
+                                  log=[a["log"]], threads=a["threads"], resources=ns(a["resources"]), config={})
 runpy.run_path(a["script"], init_globals={"snakemake": snakemake}, run_name="__main__")
 """
 

@@ -121,13 +121,18 @@ def test_segmenter_output_settings_rerun_inference_only(demo_run, tmp_path):
     jobs = dry_run_jobs(out.stdout + out.stderr)
     assert jobs.get("segment_batch") and "evaluate" in jobs, jobs
     assert "train_segmenter" not in jobs and "train_classifier" not in jobs, jobs
+    # dropping the upper bound changes what is evaluated, not the weakly supervised segmenter
+    overlay.write_text("segmenter:\n  upper_bound: false\n")
+    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
+    jobs = dry_run_jobs(out.stdout + out.stderr)
+    assert "train_segmenter" not in jobs and "segment_batch" not in jobs and "train_classifier" not in jobs, jobs
 
 
 def test_execution_settings_rerun_no_science(demo_run, tmp_path):
-    # time limits and job counts say how the workflow runs, not what it computes: only the
-    # provenance record (which keeps the whole config) is rewritten
+    # time limits and the segmenter's loader workers say how the workflow runs, not what it
+    # computes: only the provenance record (which keeps the whole config) is rewritten
     overlay = tmp_path / "times.yaml"
-    overlay.write_text("batching:\n  seconds_per_scan:\n    segment: 60\n")
+    overlay.write_text("batching:\n  seconds_per_scan:\n    segment: 60\nsegmenter:\n  num_workers: 3\n")
     out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
     jobs = dry_run_jobs(out.stdout + out.stderr)
     assert set(jobs) <= {"provenance", "provenance_page", "all"}, jobs

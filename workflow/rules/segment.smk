@@ -28,7 +28,8 @@ rule train_segmenter:
     params:
         results=results_dir(1),
         target=lambda wildcards: SEGMENTER_TARGETS[wildcards.model],
-        # the output settings are the segment rule's: changing them retrains nothing
+        # the output settings are the segment rule's, execution keys the script reads from the
+        # config: changing them retrains nothing
         config=lambda wildcards: {
             "seed": config["seed"],
             "preprocess": config["preprocess"],

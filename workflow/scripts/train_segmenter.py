@@ -1,11 +1,12 @@
 from hemocam import distributed, runlog
+from hemocam.settings import with_whole_section
 
 runlog.start(snakemake.log[0], snakemake.threads)
 # more than one GPU for the job (resources gpu > 1): DDP ranks through torchrun
 distributed.train(
     "segmenter",
     dict(
-        cfg=snakemake.params.config,
+        cfg=with_whole_section(snakemake.params.config, snakemake.config, "segmenter"),
         scans_tsv=snakemake.input.scans,
         results_dir=snakemake.params.results,
         target=snakemake.params.target,
