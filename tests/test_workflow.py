@@ -128,6 +128,17 @@ def test_segmenter_output_settings_rerun_inference_only(demo_run, tmp_path):
     assert "train_segmenter" not in jobs and "segment_batch" not in jobs and "train_classifier" not in jobs, jobs
 
 
+def test_changed_splits_are_not_kept_silently(demo_run, tmp_path):
+    # splits reach scans.tsv through no job's inputs: other split settings must not leave the
+    # old splits in place (and train on them) while the provenance records the new ones
+    overlay = tmp_path / "split.yaml"
+    overlay.write_text("split:\n  train: 0.4\n  val: 0.3\n  test: 0.3\n")
+    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "in another split than results/scans.tsv records" in text and "Remove results/scans.tsv" in text, text[-3000:]
+
+
 def test_execution_settings_rerun_no_science(demo_run, tmp_path):
     # time limits and the segmenter's loader workers say how the workflow runs, not what it
     # computes: only the provenance record (which keeps the whole config) is rewritten

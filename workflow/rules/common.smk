@@ -111,7 +111,39 @@ def scan_plan():
     if demo_active():
         # the only checkpoint: the demo cohort does not exist before its rule runs
         checkpoints.demo_cohort.get()
-    return _plan()
+    plan = _plan()
+    _check_splits()
+    return plan
+
+
+@functools.cache
+def _check_splits():
+    """Stop when results/scans.tsv holds other splits than the plan (split or seed changed).
+
+    The splits reach scans.tsv through no job's inputs, so Snakemake would keep the old ones
+    and train on them while the provenance records the new settings.
+    """
+    import pandas as pd
+
+    from hemocam.io import read_tsv
+
+    table = Path(R, "scans.tsv")
+    if not table.exists():
+        return
+    try:
+        old = read_tsv(table, dtype=str).set_index("scan_id")["split"].fillna("")
+    except (OSError, ValueError, KeyError):
+        return
+    new = _plan().scans.set_index("scan_id")
+    new = new.loc[new["status"] == "ok", "split"].fillna("")
+    both = old.index.intersection(new.index)
+    moved = both[(old[both] != "") & (old[both] != new[both])]
+    if len(moved):
+        raise WorkflowError(
+            f"hemocam: the split settings (split.*, seed) now put {len(moved)} scan(s) in another "
+            f"split than {table} records (e.g. {moved[0]}: {old[moved[0]]} -> {new[moved[0]]}). "
+            f"Remove {table} to remake it and retrain on the new splits, or restore the settings."
+        )
 
 
 def check_cohort():
@@ -143,6 +175,7 @@ def check_cohort():
             f"hemocam: all {len(scans)} candidate scans in {where} are rejected:{lines}{more}\n"
             f"Nothing to preprocess, train or segment; {R}/scans.tsv gives the reason of each scan."
         )
+    _check_splits()
 
 
 if not demo_active():
