@@ -283,6 +283,15 @@ def test_empty_cohort_stops_with_a_message(tmp_path):
     assert not (tmp_path / "run" / "logs").exists()  # no job ran
 
 
+def test_a_masks_folder_that_does_not_exist_stops_with_a_message(tmp_path):
+    # else the evaluation, its figures and the upper bound would quietly come out empty
+    rsna_cohort(tmp_path / "cohort", n_scans=1)
+    proc = snakemake(tmp_path / "run", rsna_config(tmp_path / "cohort", masks=str(tmp_path / "nowhere")), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.out
+    assert f"hemocam: input.masks {tmp_path / 'nowhere'} is not a folder" in proc.out
+    assert not (tmp_path / "run" / "logs").exists()  # no job ran
+
+
 def test_every_scan_rejected_completes_with_the_reasons(tmp_path):
     rsna_cohort(tmp_path / "base", n_scans=1)
     made = all_rejected_cohort(tmp_path / "base", tmp_path / "cohort")

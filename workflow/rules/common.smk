@@ -160,6 +160,13 @@ def check_cohort():
     except (OSError, ValueError, InputError) as exc:
         raise WorkflowError(f"hemocam: cannot plan the cohort: {exc}") from None
     where = f"input.path {config['input']['path']} (input.format {config['input']['format']})"
+    masks = config["input"].get("masks") or ""
+    if config["input"]["format"] in ("dicom", "rsna") and masks and not os.path.isdir(masks):
+        # else the evaluation, its figures and the upper bound would quietly come out empty
+        raise WorkflowError(
+            f"hemocam: input.masks {masks} is not a folder; set input.masks to the folder of "
+            "{scan_id}.nii.gz ground-truth masks, or to '' for a cohort without masks"
+        )
     if scans.empty:
         raise WorkflowError(
             f"hemocam: no candidate scans in {where}: no DICOM image series or NIfTI "
