@@ -51,5 +51,29 @@ def versions() -> dict:
     return out
 
 
-def write_provenance(config: dict, out):
-    write_json({"seed": config.get("seed"), "versions": versions(), "config": config}, out)
+# what a bundle says of itself, for the record (everything but the weights)
+BUNDLE_FIELDS = ("kind", "arch", "model", "target", "size", "windows", "labels", "context", "threshold", "seed",
+                 "epoch", "best_epoch", "config", "versions")
+
+
+def bundle_record(path) -> dict:
+    """Path, SHA-256 and self-description of a trained bundle given to this run."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    bundle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {"path": str(path), "sha256": h.hexdigest(), **{k: bundle[k] for k in BUNDLE_FIELDS if k in bundle}}
+
+
+def write_provenance(config: dict, out, models: dict | None = None):
+    """The run's seed, versions and config; ``models``: role -> bundle given to it (inference on
+    a new cohort), recorded with its hash and its own settings, which the config does not hold."""
+    record = {"seed": config.get("seed"), "versions": versions(), "config": config}
+    if models:
+        record["models"] = {role: bundle_record(path) for role, path in models.items()}
+    write_json(record, out)

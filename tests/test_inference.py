@@ -6,6 +6,9 @@ another seed, and only its DICOM folder is given (no labels, no masks).
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pandas as pd
 import pytest
 
@@ -62,6 +65,14 @@ def test_new_cohort_is_segmented_with_volumes(new_cohort, demo_run):
     assert sorted(vol["scan_id"]) == ok
     assert {"volume_ml", "lesions", "largest_ml", "abc2_ml", *(f"p_{lab}" for lab in LABELS)} <= set(vol.columns)
     assert vol["p_any"].between(0, 1).all() and (vol["volume_ml"] >= 0).all()
+    # the provenance names the bundles used, whose settings the config does not hold
+    prov = json.loads((wd / "results/provenance.json").read_text())
+    for role in ("classifier", "segmenter"):
+        bundle = demo_run / f"results/{role}/model.pt"
+        got = prov["models"][role]
+        assert got["path"] == str(bundle) and got["sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert prov["models"]["classifier"]["config"]["classifier"]["arch"] == "resnet18"
+    assert prov["models"]["segmenter"]["kind"] == "unet" and "encoder" in prov["models"]["segmenter"]["model"]
     # inputs untouched, and a second run has nothing to do
     again = run_snakemake(wd, "-n", configfiles=(CPU_SMALL, TINY, new_cohort["overlay"]))
     assert "Nothing to be done" in again.stdout + again.stderr

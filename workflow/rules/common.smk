@@ -161,7 +161,11 @@ def check_cohort():
         raise WorkflowError(f"hemocam: cannot plan the cohort: {exc}") from None
     where = f"input.path {config['input']['path']} (input.format {config['input']['format']})"
     masks = config["input"].get("masks") or ""
-    if config["input"]["format"] in ("dicom", "rsna") and masks and not os.path.isdir(masks):
+    if (
+        config["input"]["format"] in ("dicom", "rsna")
+        and masks
+        and not os.path.isdir(masks)
+    ):
         # else the evaluation, its figures and the upper bound would quietly come out empty
         raise WorkflowError(
             f"hemocam: input.masks {masks} is not a folder; set input.masks to the folder of "

@@ -77,6 +77,9 @@ rule scans_table:
 
 
 rule provenance:
+    input:
+        # bundles given for inference: their settings are not in the config, so they are recorded
+        **{role: path for role, path in config["model"].items() if path},
     output:
         f"{R}/provenance.json",
     log:
