@@ -53,14 +53,21 @@ def _checkpoint_epoch(path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
 
 
+# bit-for-bit comparisons across processes: one intra-op thread, so no parallel reduction can
+# sum in another order in another process (a resumed epoch once differed from the uninterrupted
+# one by 1e-7 in its loss on a 2-core CI box); what is tested is the resume, not BLAS threading
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
 def _run(cmd, timeout=600):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     return proc
 
 
 def _start(cmd):
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=ONE_THREAD)
 
 
 def _kill_after_checkpoint(results, epoch, sig):
