@@ -19,6 +19,7 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -289,7 +290,13 @@ def file_fingerprint(path) -> tuple[str, int, str]:
     one remade with other settings differs in size or in its meta file, and 25,000 caches cost
     1.6 GB of reads instead of 140 GB.
     """
-    size = os.stat(path).st_size
+    st = os.stat(path)
+    return _fingerprint(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(path: str, size: int, _mtime_ns: int) -> tuple[str, int, str]:
+    # keyed on the stat too: the classifier's two stages key the same files once
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
         if size <= _WHOLE_FILE:
@@ -314,7 +321,10 @@ def run_key(settings: dict, files=(), ignore=("epochs", "patience", "num_workers
     if content:
         stats = [file_fingerprint(f) for f in files]
     else:
-        stats = [(Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        stats = []
+        for f in files:
+            st = os.stat(f)
+            stats.append((Path(f).name, st.st_size, st.st_mtime_ns))
     kept = {k: v for k, v in settings.items() if k not in ignore}
     blob = json.dumps([kept, sorted(stats)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
