@@ -123,8 +123,6 @@ def _check_splits():
     The splits reach scans.tsv through no job's inputs, so Snakemake would keep the old ones
     and train on them while the provenance records the new settings.
     """
-    import pandas as pd
-
     from hemocam.io import read_tsv
 
     table = Path(R, "scans.tsv")
