@@ -57,7 +57,7 @@ from hemocam.batch import run_batch
 from hemocam.classifier import scan_input
 from hemocam.io import InputError, save_nifti
 from hemocam.labelset import SUBTYPES
-from hemocam.models.resnet_lstm import load_bundle
+from hemocam.models.resnet_lstm import load_bundle, members
 from hemocam.preprocess import cache_paths, load_cache, to_original_grid
 from hemocam.train import amp_dtype, autocast, select_device
 
@@ -300,6 +300,26 @@ def slice_cams(
     return maps, probs
 
 
+def ensemble_cams(model, x, layer, label_indices, method, out_size, grad_mode, chunk, amp=True):
+    """:func:`slice_cams` of a classifier, averaged over an ensemble's members: each member's map
+    is normalised by its scan maximum, the mean again (so every member weighs the same); the
+    probabilities are the members' mean, as the classifier predicts."""
+    nets = members(model)
+    runs = []
+    for net in nets:
+        with autocast(x.device, amp_dtype(x.device, amp)):
+            runs.append(slice_cams(net, x, layer, label_indices, method, out_size=out_size, grad_mode=grad_mode,
+                                   chunk=chunk))
+    if len(runs) == 1:
+        return runs[0]
+    maps = {}
+    for li in label_indices:
+        m = np.mean([r[0][li] for r in runs], axis=0)
+        peak = m.max()
+        maps[li] = (m / peak if peak > 0 else np.zeros_like(m)).astype(np.float32)
+    return maps, np.mean([r[1] for r in runs], axis=0)
+
+
 # ----------------------------------------------------------------------------- the stage
 DEFAULTS = {"method": "gradcam", "layer": "layer4", "label": "any", "per_subtype": False, "grad_mode": "auto",
             "grad_chunk": 32, "amp": True}
@@ -332,10 +352,9 @@ def cam_scan(scan_id: str, model, meta_b: dict, results_dir, cfg_cam: dict, devi
     if c["per_subtype"]:
         wanted.update({s: labels.index(s) for s in SUBTYPES if s in labels})
     x = scan_input(cache, meta_b, device)
-    with autocast(device, amp_dtype(device, c["amp"])):
-        maps, probs = slice_cams(model, x, c["layer"], sorted(set(wanted.values())), c["method"],
-                                out_size=int(cmeta["size"]), grad_mode=c["grad_mode"],
-                                chunk=int(c["grad_chunk"]))
+    maps, probs = ensemble_cams(model, x, c["layer"], sorted(set(wanted.values())), c["method"],
+                                out_size=int(cmeta["size"]), grad_mode=c["grad_mode"], chunk=int(c["grad_chunk"]),
+                                amp=c["amp"])
     affine = np.asarray(cmeta["affine"], float)
     for subtype, li in wanted.items():
         vol = np.clip(to_original_grid(maps[li], cmeta, order=1), 0.0, 1.0).astype(np.float32)
@@ -352,7 +371,7 @@ def cam_batch(bundle_path, scan_ids, results_dir, cfg_cam: dict | None, manifest
     dev = select_device(device)
     model, meta_b = load_bundle(bundle_path, dev)
     c = cam_config(cfg_cam)
-    find_layer(model, c["layer"])  # a wrong layer name fails the job once, not every scan
+    find_layer(members(model)[0], c["layer"])  # a wrong layer name fails the job once, not every scan
     t0 = time.time()
     fn = functools.partial(cam_scan, model=model, meta_b=meta_b, results_dir=results_dir, cfg_cam=c, device=dev)
     df = run_batch("cam", list(scan_ids), fn, manifest_out, upstream=upstream)

@@ -31,7 +31,7 @@ from hemocam import distributed as hd
 from hemocam.batch import run_batch
 from hemocam.io import InputError, read_tsv, write_tsv
 from hemocam.labelset import LABELS
-from hemocam.models.resnet_lstm import ResNetLSTM, load_bundle, save_bundle
+from hemocam.models.resnet_lstm import ResNetLSTM, ResNetLSTMEnsemble, load_bundle, members, save_bundle
 from hemocam.preprocess import cache_paths, load_cache
 from hemocam.settings import CLASSIFIER_EVALUATION_KEYS
 from hemocam.train import EpochSampler, amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device
@@ -47,7 +47,9 @@ DEFAULTS = {"arch": "resnet34", "pretrained": "", "labels": list(LABELS), "lstm_
             "num_workers": 8, "amp": True, "dropout": 0.3, "monitor": "auc_any", "pos_weight": "sqrt",
             "oversample_positive": 1.0, "tta": True, "aux_weight": 0.5,
             "slice_epochs": 9, "slice_batch_size": 32, "freeze_encoder": True, "encoder_stride": 32,
-            "augment": AUG_DEFAULTS}
+            "ensemble": 1, "augment": AUG_DEFAULTS}
+# not part of a member's identity: raising ``ensemble`` keeps the members already trained
+ENSEMBLE_KEYS = ("ensemble",)
 
 
 def classifier_config(cfg: dict) -> dict:
@@ -356,9 +358,9 @@ def stage_settings(c: dict, stage: str, seed: int, splits: dict) -> dict:
     finished model instead of training it again. The slice stage leaves out the scan stage's
     settings, and ``slice_epochs`` is its epoch budget (raising it continues the stage, like
     ``epochs`` for the scan stage). The scan stage keeps everything: it starts from the slice
-    stage's weights.
+    stage's weights. An ensemble's member is its ``seed``; the ensemble's size is left out.
     """
-    s = {k: v for k, v in c.items() if k not in CLASSIFIER_EVALUATION_KEYS}
+    s = {k: v for k, v in c.items() if k not in (*CLASSIFIER_EVALUATION_KEYS, *ENSEMBLE_KEYS)}
     s = {**s, "seed": seed, "stage": stage, "splits": splits}
     if stage == "slices":
         s = {k: v for k, v in s.items() if k not in (*SCAN_STAGE_KEYS, "slice_epochs")}
@@ -402,7 +404,7 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         ds = ScanDataset(results_dir, ids, labels, window=0, train=False)
         return make_loader(ds, eval_bs, False, min(2, int(c["num_workers"])), seed, device, collate_fn=collate_scans)
 
-    def train_loader(window, batch_size):
+    def train_loader(window, batch_size, seed):
         ds = ScanDataset(results_dir, splits["train"], labels, window=window, train=True)
         weights = None
         if float(c["oversample_positive"]) != 1.0:
@@ -415,9 +417,16 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
     if val_loader is None:
         log.warning("classifier: no validation scans: training for all epochs, keeping the last")
 
-    model = ResNetLSTM(c["arch"], in_channels=n_channels, n_labels=len(labels), lstm_hidden=c["lstm_hidden"],
-                       lstm_layers=c["lstm_layers"], dropout=c["dropout"], pretrained=c["pretrained"] or None,
-                       encoder_stride=int(c["encoder_stride"]))
+    n_members = int(c["ensemble"])
+    if n_members < 1:
+        raise ValueError(f"classifier.ensemble must be >= 1, got {n_members}")
+
+    def new_model():
+        return ResNetLSTM(c["arch"], in_channels=n_channels, n_labels=len(labels), lstm_hidden=c["lstm_hidden"],
+                          lstm_layers=c["lstm_layers"], dropout=c["dropout"], pretrained=c["pretrained"] or None,
+                          encoder_stride=int(c["encoder_stride"]))
+
+    model = new_model()
     lw = torch.tensor(label_weights(labels), dtype=torch.float32, device=device)
     train_y = [read_slice_labels(results_dir / "labels" / f"{sid}.tsv", load_cache(*cache_paths(results_dir, sid))[0].shape[0], labels)
                for sid in splits["train"]]
@@ -459,30 +468,45 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
     ckpt_root = results_dir / "classifier" / "checkpoints"
     inputs = [f for sid in splits["train"] + splits["val"]
               for f in (*cache_paths(results_dir, sid), results_dir / "labels" / f"{sid}.tsv")]
-    histories = []
-    for name, window, batch_size, epochs in stages:
-        ckpt_dir = ckpt_root / name if len(stages) > 1 else ckpt_root
-        frozen = name == "scans" and len(stages) > 1 and bool(c["freeze_encoder"])
-        log.info("classifier stage %s: window=%s batch=%d epochs=%d%s", name, window or "scan", batch_size, epochs,
-                 ", encoder frozen" if frozen else "")
-        model.freeze_encoder(frozen)
-        result = fit(model, train_loader(window, batch_size), val_loader, loss_fn=loss_fn,
-                     evaluate_fn=evaluate_fn if val_loader else None, ckpt_dir=ckpt_dir, epochs=epochs,
-                     lr=float(c["lr"]), weight_decay=float(c["weight_decay"]), patience=int(c["patience"]),
-                     amp=c["amp"], seed=seed, device=device, higher_is_better=(monitor == "auc_any"),
-                     find_unused_parameters=aux_w <= 0,  # DDP: the aux head is then unused
-                     keep_last=name == "slices" and len(stages) > 1,
-                     # before 2026-11-29 the key held tta and the files' mtimes
-                     run_key=tuple(run_key({**stage_settings(c, name, seed, splits), **extra}, inputs, content=content)
-                                   for extra, content in (({}, True),
-                                                          ({k: c[k] for k in CLASSIFIER_EVALUATION_KEYS}, False))))
-        model.freeze_encoder(False)
-        h = pd.DataFrame(result["history"])
-        h.insert(0, "stage", name)
-        histories.append(h)
+    histories, trained, member_records = [], [], []
+    # member k trains like a single model with seed + k; member 0 is the single model itself
+    # (same seed, checkpoints and key), so a run that raises ``ensemble`` keeps it
+    for member in range(n_members):
+        member_seed = seed + member
+        if member:
+            seed_everything(member_seed)
+            model = new_model()
+        member_root = ckpt_root / f"member{member}" if member else ckpt_root
+        for name, window, batch_size, epochs in stages:
+            ckpt_dir = member_root / name if len(stages) > 1 else member_root
+            frozen = name == "scans" and len(stages) > 1 and bool(c["freeze_encoder"])
+            log.info("classifier %sstage %s: window=%s batch=%d epochs=%d%s",
+                     f"member {member + 1}/{n_members} (seed {member_seed}) " if n_members > 1 else "", name,
+                     window or "scan", batch_size, epochs, ", encoder frozen" if frozen else "")
+            model.freeze_encoder(frozen)
+            result = fit(model, train_loader(window, batch_size, member_seed), val_loader, loss_fn=loss_fn,
+                         evaluate_fn=evaluate_fn if val_loader else None, ckpt_dir=ckpt_dir, epochs=epochs,
+                         lr=float(c["lr"]), weight_decay=float(c["weight_decay"]), patience=int(c["patience"]),
+                         amp=c["amp"], seed=member_seed, device=device, higher_is_better=(monitor == "auc_any"),
+                         find_unused_parameters=aux_w <= 0,  # DDP: the aux head is then unused
+                         keep_last=name == "slices" and len(stages) > 1,
+                         # before 2026-11-29 the key held tta and the files' mtimes
+                         run_key=tuple(run_key({**stage_settings(c, name, member_seed, splits), **extra}, inputs,
+                                               content=content)
+                                       for extra, content in (({}, True),
+                                                              ({k: c[k] for k in CLASSIFIER_EVALUATION_KEYS}, False))))
+            model.freeze_encoder(False)
+            h = pd.DataFrame(result["history"])
+            h.insert(0, "stage", name if n_members == 1 else f"member {member + 1} {name}")
+            histories.append(h)
+        trained.append(model)
+        member_records.append({"seed": member_seed, "best_epoch": int(result["best_epoch"]),
+                               "best_score": result["best_score"]})
+    first = member_records[0]  # an ensemble's bundle describes member 0 like a single model, its members in ``members``
+    model = trained[0] if n_members == 1 else ResNetLSTMEnsemble(trained)
     history = pd.concat(histories, ignore_index=True)
     if not hd.is_main():  # DDP: rank 0 evaluates and writes the outputs
-        return {"best_epoch": result["best_epoch"], "metrics": None, "history": history}
+        return {"best_epoch": first["best_epoch"], "metrics": None, "history": history}
     write_tsv(history, history_out)
 
     eval_split = "test" if splits["test"] else ("val" if splits["val"] else "train")
@@ -498,31 +522,37 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
         "labels": labels, "windows": ref["windows"], "channels": ref.get("channels"), "size": ref["size"],
         "skull_strip": ref.get("skull_strip"), "input_norm": norm, "tta": bool(c["tta"]),
         "config": {k: cfg[k] for k in ("seed", "preprocess", "classifier") if k in cfg},
-        "seed": seed, "world_size": hd.world_size(), "epoch": int(result["best_epoch"]),
-        "best_epoch": int(result["best_epoch"]),
-        "best_score": result["best_score"], "monitor": monitor,
+        "seed": seed, "world_size": hd.world_size(), "epoch": first["best_epoch"],
+        "best_epoch": first["best_epoch"],
+        "best_score": first["best_score"], "monitor": monitor,
         "n_scans": {k: len(v) for k, v in splits.items()},
         "metrics": {"split": eval_split, **{r.label: {"auc": r.auc, "logloss": r.logloss} for r in table.itertuples()}},
+        **({"members": member_records} if n_members > 1 else {}),
     }
     save_bundle(bundle_out, model, meta)
-    return {"best_epoch": result["best_epoch"], "metrics": table, "history": history}
+    return {"best_epoch": first["best_epoch"], "metrics": table, "history": history}
 
 
 # ----------------------------------------------------------------------------- inference
 @torch.no_grad()
 def predict_cache(model, cache, meta: dict, device, tta: bool = True, chunk: int = 64) -> np.ndarray:
-    """Slice probabilities (Z, L) for one scan's cache; the CNN runs in chunks of slices."""
+    """Slice probabilities (Z, L) for one scan's cache; the CNN runs in chunks of slices. An
+    ensemble's members are averaged in probability, each member's flipped views in logit."""
     device = torch.device(device)
     dtype = amp_dtype(device, True)
     model.eval()
     x = scan_input(cache, meta, device)[0]  # (Z, C, S, S)
     views = [x, x.flip(-1)] if tta else [x]
-    logits = 0
+    probs = 0
+    nets = members(model)
     with autocast(device, dtype):
-        for v in views:
-            feats = torch.cat([model.encode(v[i : i + chunk]) for i in range(0, v.shape[0], chunk)])
-            logits = logits + model.sequence(feats[None]).float()[0]
-    return torch.sigmoid(logits / len(views)).cpu().numpy()
+        for net in nets:
+            logits = 0
+            for v in views:
+                feats = torch.cat([net.encode(v[i : i + chunk]) for i in range(0, v.shape[0], chunk)])
+                logits = logits + net.sequence(feats[None]).float()[0]
+            probs = probs + torch.sigmoid(logits / len(views))
+    return (probs / len(nets)).cpu().numpy()
 
 
 def classify_scan(scan_id, model, meta, results_dir, device, tta=True) -> dict:

@@ -53,7 +53,7 @@ def versions() -> dict:
 
 # what a bundle says of itself, for the record (everything but the weights)
 BUNDLE_FIELDS = ("kind", "arch", "model", "target", "size", "windows", "labels", "context", "threshold", "seed",
-                 "epoch", "best_epoch", "config", "versions")
+                 "epoch", "best_epoch", "members", "config", "versions")
 
 
 def bundle_record(path) -> dict:

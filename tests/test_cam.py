@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from hemocam import cam
+from hemocam.preprocess import cache_paths, load_cache, to_original_grid
 
 
 class ToySequence(nn.Module):
@@ -155,6 +156,30 @@ def test_cam_batch_through_the_real_resnet_lstm(tmp_path):
             assert (R / "cam" / f"{sid}_{s}.nii.gz").exists()
     with pytest.raises(ValueError, match="layer"):
         cam.cam_batch(bundle, ids, R, {"layer": "layer7"}, tmp_path / "cam2.tsv")
+
+    # an ensemble bundle: the stage writes the members' averaged map, the classifier their mean
+    from hemocam.classifier import predict_batch, scan_input
+    from hemocam.models.resnet_lstm import ResNetLSTMEnsemble, load_bundle
+
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(ResNetLSTM("resnet18", in_channels=2, n_labels=6, lstm_hidden=8, lstm_layers=2).eval())
+    meta = {"labels": list(LABELS), "windows": windows, "size": 32, "input_norm": input_norm(2)}
+    save_bundle(tmp_path / "ens.pt", ResNetLSTMEnsemble(nets), meta)
+    cam.cam_batch(tmp_path / "ens.pt", ids, R, {"label": "any", "method": "gradcampp"}, tmp_path / "cam3.tsv")
+    ens, meta_b = load_bundle(tmp_path / "ens.pt")
+    cache, _ = load_cache(*cache_paths(R, ids[0]))
+    want, _ = cam.ensemble_cams(ens, scan_input(cache, meta_b), "layer4", [0], "gradcampp", out_size=32,
+                                grad_mode="auto", chunk=32)
+    got, _ = load_nifti(R / "cam" / f"{ids[0]}.nii.gz")
+    _, cmeta = load_cache(*cache_paths(R, ids[0]))
+    assert np.allclose(got, np.clip(to_original_grid(want[0], cmeta, order=1), 0, 1), atol=1e-5)
+    alone = [cam.slice_cams(m, scan_input(cache, meta_b), "layer4", [0], "gradcampp", out_size=32)[0][0] for m in nets]
+    assert min(a.max() for a in alone) > 0 and not np.allclose(want[0], alone[0], atol=1e-3)  # both members count
+    predict_batch(tmp_path / "ens.pt", ids, R, tmp_path / "cls.tsv", device="cpu")
+    sl = read_tsv(R / "classifier" / "slices" / f"{ids[0]}.tsv")
+    assert len(sl) == 16 and 0 <= sl["any"].min() and sl["any"].max() <= 1
 
 
 def test_sequence_path_matches_per_slice_backward_on_resnet_lstm():

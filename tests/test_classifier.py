@@ -7,12 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
+from hemocam.cam import ensemble_cams, slice_cams
 from hemocam.classifier import (ScanDataset, augment, auc, average_ranks, collate_scans, label_weights,
-                                predict_batch, slice_metrics, stage_settings, train_classifier,
+                                predict_batch, predict_cache, scan_input, slice_metrics, stage_settings, train_classifier,
                                 weighted_log_loss)
 from hemocam.io import read_tsv
 from hemocam.labelset import LABELS
-from hemocam.models.resnet_lstm import load_bundle
+from hemocam.models.resnet_lstm import ResNetLSTM, ResNetLSTMEnsemble, load_bundle
+from hemocam.preprocess import cache_paths, load_cache
 from hemocam.train import run_key
 from hemocam.phantom.cohort import write_nifti_cohort
 from hemocam.preprocess import preprocess_batch
@@ -153,3 +155,58 @@ def test_stage_settings_keep_the_slice_stage_apart_from_scan_settings():
     assert all(a != b for a, b in zip(keys(slice_batch_size=16), base))
     # the test-time flip shapes the evaluation, not the weights: a finished training is kept
     assert keys(tta=False) == keys(tta=True) == base
+    # the ensemble's size is no member's setting: raising it keeps the members already trained
+    assert keys(ensemble=3) == base
+
+
+def test_an_ensemble_trains_members_like_single_models_and_averages_them(tmp_path):
+    r = tmp_path / "R"
+    scans = write_nifti_cohort(r, 6, matrix=48, n_slices=8, seed=5)
+    preprocess_batch(list(scans["scan_id"]), r, WINDOWS, 32, r / "pre.tsv")
+    clf = {"arch": "resnet18", "labels": ["any"], "lstm_hidden": 8, "lstm_layers": 1, "epochs": 1, "batch_size": 2,
+           "lr": 1e-3, "weight_decay": 1e-4, "patience": 3, "num_workers": 0, "amp": False, "window": 0,
+           "slice_epochs": 1, "freeze_encoder": True, "slice_batch_size": 16}
+
+    def train(seed, ensemble, root):
+        cfg = {"seed": seed, "preprocess": {"size": 32, "windows": WINDOWS}, "classifier": {**clf, "ensemble": ensemble}}
+        for d in ("cache", "labels", "scans.tsv"):
+            if not (root / d).exists():
+                (root / d).symlink_to(r / d)
+        out = [root / "out" / f for f in ("model.pt", "history.tsv", "metrics.tsv")]
+        train_classifier(cfg, root / "scans.tsv", root, *out)
+        return out
+
+    single_dir, seed2_dir = tmp_path / "single", tmp_path / "seed2"
+    single_dir.mkdir(), seed2_dir.mkdir()
+    alone = [load_bundle(train(seed, 1, root)[0])[0] for seed, root in ((1, single_dir), (2, seed2_dir))]
+    done = sorted((single_dir / "classifier" / "checkpoints").rglob("*.pt"))
+    stamps = [f.stat().st_mtime_ns for f in done]
+    # raising ensemble on the same run: member 0 is the finished single model, member 1 trains
+    ens = train(1, 2, single_dir)
+    assert [f.stat().st_mtime_ns for f in done] == stamps
+    assert (single_dir / "classifier" / "checkpoints" / "member1" / "scans" / "last.pt").exists()
+    model, meta = load_bundle(ens[0])
+    assert isinstance(model, ResNetLSTMEnsemble) and len(model.members) == 2
+    assert meta["kind"] == "resnet_lstm_ensemble" and [m["seed"] for m in meta["members"]] == [1, 2]
+    # member k is the single model trained with seed + k, weight for weight
+    for member, net in zip(model.members, alone):
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in member.state_dict().items())
+    hist = read_tsv(ens[1])
+    assert hist["stage"].tolist() == ["member 1 slices", "member 1 scans", "member 2 slices", "member 2 scans"]
+
+    # predictions and CAMs are the members' means
+    sid = scans["scan_id"][0]
+    cache, _ = load_cache(*cache_paths(r, sid))
+    probs = predict_cache(model, cache, meta, "cpu", tta=True)
+    each = [predict_cache(m, cache, meta, "cpu", tta=True) for m in model.members]
+    assert np.allclose(probs, np.mean(each, axis=0), atol=1e-6)
+    x = scan_input(cache, meta, "cpu")
+    torch.manual_seed(0)  # untrained members: one epoch on 4 scans leaves these CAMs at zero
+    model = ResNetLSTMEnsemble([ResNetLSTM("resnet18", in_channels=3, n_labels=1, lstm_hidden=8, lstm_layers=1)
+                                for _ in range(2)]).eval()
+    maps, p = ensemble_cams(model, x, "layer4", [0], "gradcam", out_size=32, grad_mode="auto", chunk=4, amp=False)
+    each = [slice_cams(m, x, "layer4", [0], "gradcam", out_size=32) for m in model.members]
+    mean = np.mean([e[0][0] for e in each], axis=0)
+    assert mean.max() > 0 and not np.allclose(each[0][0][0], each[1][0][0])
+    assert np.allclose(maps[0], mean / mean.max(), atol=1e-6) and maps[0].max() == pytest.approx(1.0)
+    assert np.allclose(p, np.mean([e[1] for e in each], axis=0), atol=1e-6)

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from hemocam.io import InputError
-from hemocam.models.resnet_lstm import ResNetLSTM, load_bundle, save_bundle
+from hemocam.models.resnet_lstm import ResNetLSTM, ResNetLSTMEnsemble, load_bundle, members, save_bundle
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,25 @@ def test_bundle_round_trip(tmp_path, model):
         load_bundle(tmp_path / "bad.pt")
     with pytest.raises(ValueError):
         save_bundle(tmp_path / "x.pt", model, {"labels": ["any"]})
+
+
+def test_ensemble_bundle_round_trip(tmp_path):
+    torch.manual_seed(0)
+    nets = [ResNetLSTM("resnet18", in_channels=1, n_labels=1, lstm_hidden=8, lstm_layers=1) for _ in range(2)]
+    ens = ResNetLSTMEnsemble(nets).eval()
+    x = torch.randn(1, 4, 1, 32, 32)
+    with torch.no_grad():
+        want = torch.stack([torch.sigmoid(n.eval()(x)) for n in nets]).mean(0)
+        assert torch.allclose(torch.sigmoid(ens(x)), want, atol=1e-6)  # the mean probability
+    save_bundle(tmp_path / "e.pt", ens, {"labels": ["any"]})
+    back, meta = load_bundle(tmp_path / "e.pt")
+    assert isinstance(back, ResNetLSTMEnsemble) and len(members(back)) == 2 and meta["kind"] == "resnet_lstm_ensemble"
+    assert "state_dicts" not in meta and not back.training
+    with torch.no_grad():
+        assert torch.equal(back(x), ens(x))
+    assert members(nets[0]) == [nets[0]]
+    with pytest.raises(ValueError, match="at least 2"):
+        ResNetLSTMEnsemble(nets[:1])
 
 
 def test_pretrained_only_from_local_files(tmp_path, monkeypatch):
