@@ -283,15 +283,22 @@ def weighted_bce(logits, y, lengths, weights: torch.Tensor, pos_weight: torch.Te
 
 @torch.no_grad()
 def predict_scans(model, loader, device, norm: dict, tta: bool = False, dtype=None):
-    """Yield ``(index, start, probs (T, L) float32, y (T, L))`` for every scan of ``loader``."""
+    """Yield ``(index, start, probs (T, L) float32, y (T, L))`` for every scan of ``loader``.
+
+    Averaged as :func:`predict_cache` averages: each member's flipped views in logit, the
+    members in probability."""
     model.eval()
+    nets = members(model)
     for batch in loader:
         x = batch_inputs(batch, device, norm)
+        probs = 0
         with autocast(device, dtype):
-            logits = model(x, batch["lengths"]).float()
-            if tta:  # L-R mirror: brains are near-symmetric, average both views
-                logits = 0.5 * (logits + model(x.flip(-1), batch["lengths"]).float())
-        probs = torch.sigmoid(logits).cpu().numpy()
+            for net in nets:
+                logits = net(x, batch["lengths"]).float()
+                if tta:  # L-R mirror: brains are near-symmetric, average both views
+                    logits = 0.5 * (logits + net(x.flip(-1), batch["lengths"]).float())
+                probs = probs + torch.sigmoid(logits)
+        probs = (probs / len(nets)).cpu().numpy()
         for b, n in enumerate(batch["lengths"].tolist()):
             yield int(batch["index"][b]), int(batch["start"][b]), probs[b, :n], batch["y"][b, :n].numpy()
 

@@ -193,6 +193,13 @@ def test_an_ensemble_trains_members_like_single_models_and_averages_them(tmp_pat
         assert all(torch.equal(v, net.state_dict()[k]) for k, v in member.state_dict().items())
     hist = read_tsv(ens[1])
     assert hist["stage"].tolist() == ["member 1 slices", "member 1 scans", "member 2 slices", "member 2 scans"]
+    # the test metrics are those of the probabilities the classify stage writes
+    test_ids = list(scans.loc[scans["split"] == "test", "scan_id"])
+    p_test = np.concatenate([predict_cache(model, load_cache(*cache_paths(r, s))[0], meta, "cpu", tta=True)[:, 0]
+                             for s in test_ids])
+    y_test = np.concatenate([read_tsv(r / "labels" / f"{s}.tsv")["any"].to_numpy() for s in test_ids])
+    metrics = read_tsv(ens[2]).set_index("label")
+    assert metrics.loc["any", "auc"] == pytest.approx(auc(y_test, p_test), abs=1e-5)
 
     # predictions and CAMs are the members' means
     sid = scans["scan_id"][0]
