@@ -167,16 +167,17 @@ def test_cam_batch_through_the_real_resnet_lstm(tmp_path):
         nets.append(ResNetLSTM("resnet18", in_channels=2, n_labels=6, lstm_hidden=8, lstm_layers=2).eval())
     meta = {"labels": list(LABELS), "windows": windows, "size": 32, "input_norm": input_norm(2)}
     save_bundle(tmp_path / "ens.pt", ResNetLSTMEnsemble(nets), meta)
-    cam.cam_batch(tmp_path / "ens.pt", ids, R, {"label": "any", "method": "gradcampp"}, tmp_path / "cam3.tsv")
     ens, meta_b = load_bundle(tmp_path / "ens.pt")
-    cache, _ = load_cache(*cache_paths(R, ids[0]))
-    want, _ = cam.ensemble_cams(ens, scan_input(cache, meta_b), "layer4", [0], "gradcampp", out_size=32,
-                                grad_mode="auto", chunk=32)
-    got, _ = load_nifti(R / "cam" / f"{ids[0]}.nii.gz")
-    _, cmeta = load_cache(*cache_paths(R, ids[0]))
-    assert np.allclose(got, np.clip(to_original_grid(want[0], cmeta, order=1), 0, 1), atol=1e-5)
+    cache, cmeta = load_cache(*cache_paths(R, ids[0]))
     alone = [cam.slice_cams(m, scan_input(cache, meta_b), "layer4", [0], "gradcampp", out_size=32)[0][0] for m in nets]
+    want, _ = cam.ensemble_cams(ens, scan_input(cache, meta_b), "layer4", [0], "gradcampp", out_size=32,
+                                grad_mode="auto", chunk=32, use="mean")
     assert min(a.max() for a in alone) > 0 and not np.allclose(want[0], alone[0], atol=1e-3)  # both members count
+    for use, maps in (("mean", want[0]), ("first", alone[0])):
+        cam.cam_batch(tmp_path / "ens.pt", ids, R, {"label": "any", "method": "gradcampp", "members": use},
+                      tmp_path / f"cam-{use}.tsv")
+        got, _ = load_nifti(R / "cam" / f"{ids[0]}.nii.gz")
+        assert np.allclose(got, np.clip(to_original_grid(maps, cmeta, order=1), 0, 1), atol=1e-5), use
     predict_batch(tmp_path / "ens.pt", ids, R, tmp_path / "cls.tsv", device="cpu")
     sl = read_tsv(R / "classifier" / "slices" / f"{ids[0]}.tsv")
     assert len(sl) == 16 and 0 <= sl["any"].min() and sl["any"].max() <= 1

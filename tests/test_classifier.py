@@ -211,9 +211,15 @@ def test_an_ensemble_trains_members_like_single_models_and_averages_them(tmp_pat
     torch.manual_seed(0)  # untrained members: one epoch on 4 scans leaves these CAMs at zero
     model = ResNetLSTMEnsemble([ResNetLSTM("resnet18", in_channels=3, n_labels=1, lstm_hidden=8, lstm_layers=1)
                                 for _ in range(2)]).eval()
-    maps, p = ensemble_cams(model, x, "layer4", [0], "gradcam", out_size=32, grad_mode="auto", chunk=4, amp=False)
+    maps, p = ensemble_cams(model, x, "layer4", [0], "gradcam", out_size=32, grad_mode="auto", chunk=4, amp=False,
+                            use="mean")
     each = [slice_cams(m, x, "layer4", [0], "gradcam", out_size=32) for m in model.members]
     mean = np.mean([e[0][0] for e in each], axis=0)
     assert mean.max() > 0 and not np.allclose(each[0][0][0], each[1][0][0])
     assert np.allclose(maps[0], mean / mean.max(), atol=1e-6) and maps[0].max() == pytest.approx(1.0)
     assert np.allclose(p, np.mean([e[1] for e in each], axis=0), atol=1e-6)
+    first, p_first = ensemble_cams(model, x, "layer4", [0], "gradcam", out_size=32, grad_mode="auto", chunk=4,
+                                   amp=False)  # the default: member 0's map and probabilities
+    assert np.array_equal(first[0], each[0][0][0]) and np.array_equal(p_first, each[0][1])
+    with pytest.raises(ValueError, match="cam.members"):
+        ensemble_cams(model, x, "layer4", [0], "gradcam", out_size=32, grad_mode="auto", chunk=4, use="median")
