@@ -202,7 +202,8 @@ class ResNetLSTMEnsemble(nn.Module):
 
     On 40-scan cohorts one model's test AUC moves by +-0.005 with its seed alone; the RSNA winners
     averaged several models. ``forward`` returns the logit of the mean probability, so code that
-    takes logits takes an ensemble too; the CAM stage averages the members' maps itself.
+    takes logits takes an ensemble too. The CAM stage takes member 0's Grad-CAM or the members'
+    mean (``cam.members``, :func:`hemocam.cam.ensemble_cams`).
     """
 
     def __init__(self, members):
