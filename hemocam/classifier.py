@@ -281,24 +281,27 @@ def weighted_bce(logits, y, lengths, weights: torch.Tensor, pos_weight: torch.Te
     return (per * m).sum() / m.sum().clamp_min(1)
 
 
+def mean_probability(model, x, tta: bool, logits_of) -> torch.Tensor:
+    """A classifier's probabilities for input ``x``: each member's views (``x`` and, with ``tta``,
+    its L-R mirror: brains are near-symmetric) averaged in logit, the members in probability.
+    ``logits_of(net, view)`` gives one member's float logits."""
+    views = [x, x.flip(-1)] if tta else [x]
+    nets = members(model)
+    probs = 0
+    for net in nets:
+        probs = probs + torch.sigmoid(sum(logits_of(net, v) for v in views) / len(views))
+    return probs / len(nets)
+
+
 @torch.no_grad()
 def predict_scans(model, loader, device, norm: dict, tta: bool = False, dtype=None):
-    """Yield ``(index, start, probs (T, L) float32, y (T, L))`` for every scan of ``loader``.
-
-    Averaged as :func:`predict_cache` averages: each member's flipped views in logit, the
-    members in probability."""
+    """Yield ``(index, start, probs (T, L) float32, y (T, L))`` for every scan of ``loader``."""
     model.eval()
-    nets = members(model)
     for batch in loader:
         x = batch_inputs(batch, device, norm)
-        probs = 0
         with autocast(device, dtype):
-            for net in nets:
-                logits = net(x, batch["lengths"]).float()
-                if tta:  # L-R mirror: brains are near-symmetric, average both views
-                    logits = 0.5 * (logits + net(x.flip(-1), batch["lengths"]).float())
-                probs = probs + torch.sigmoid(logits)
-        probs = (probs / len(nets)).cpu().numpy()
+            probs = mean_probability(model, x, tta, lambda net, v: net(v, batch["lengths"]).float())
+        probs = probs.cpu().numpy()
         for b, n in enumerate(batch["lengths"].tolist()):
             yield int(batch["index"][b]), int(batch["start"][b]), probs[b, :n], batch["y"][b, :n].numpy()
 
@@ -543,23 +546,20 @@ def train_classifier(cfg: dict, scans_tsv, results_dir, bundle_out, history_out,
 # ----------------------------------------------------------------------------- inference
 @torch.no_grad()
 def predict_cache(model, cache, meta: dict, device, tta: bool = True, chunk: int = 64) -> np.ndarray:
-    """Slice probabilities (Z, L) for one scan's cache; the CNN runs in chunks of slices. An
-    ensemble's members are averaged in probability, each member's flipped views in logit."""
+    """Slice probabilities (Z, L) for one scan's cache (averaged as :func:`mean_probability`);
+    the CNN runs in chunks of slices."""
     device = torch.device(device)
     dtype = amp_dtype(device, True)
     model.eval()
     x = scan_input(cache, meta, device)[0]  # (Z, C, S, S)
-    views = [x, x.flip(-1)] if tta else [x]
-    probs = 0
-    nets = members(model)
+
+    def logits_of(net, v):
+        feats = torch.cat([net.encode(v[i : i + chunk]) for i in range(0, v.shape[0], chunk)])
+        return net.sequence(feats[None]).float()[0]
+
     with autocast(device, dtype):
-        for net in nets:
-            logits = 0
-            for v in views:
-                feats = torch.cat([net.encode(v[i : i + chunk]) for i in range(0, v.shape[0], chunk)])
-                logits = logits + net.sequence(feats[None]).float()[0]
-            probs = probs + torch.sigmoid(logits / len(views))
-    return (probs / len(nets)).cpu().numpy()
+        probs = mean_probability(model, x, tta, logits_of)
+    return probs.cpu().numpy()
 
 
 def classify_scan(scan_id, model, meta, results_dir, device, tta=True) -> dict:
