@@ -601,6 +601,33 @@ def test_plan_is_cached_and_batches_rewritten_only_on_change(tmp_path, monkeypat
     assert len(bp) == 6 and set(bp["path"]) == set(rows["path"])
 
 
+def test_changed_conversion_settings_rewrite_the_batch_plans(tmp_path):
+    from hemocam.ingest.hu import changed_conversion_settings, conversion_settings
+
+    write_series(tmp_path / "dicom", n=6)
+    cfg = cfg_for(tmp_path / "dicom", fmt="dicom")
+    plan = plan_cohort(cfg, tmp_path / "r")
+    ids = {"c0000": list(plan.scans["scan_id"])}
+    write_batch_plans(plan, ids, tmp_path / "plans")
+    f = tmp_path / "plans" / "c0000.tsv"
+    at_defaults = f.read_bytes()
+    # the shipped values, set or not, leave the plan as earlier versions wrote it: nothing reruns
+    for ingest in ({}, {"hu_min": -1100, "hu_max": 3100, "max_outside_fraction": 0.01, "min_slices": 3}):
+        assert changed_conversion_settings({"ingest": ingest}) == {}
+        assert write_batch_plans(plan, ids, tmp_path / "plans", conversion={}) == []
+    assert "conversion" not in read_tsv(f).columns
+    # another plausibility check rewrites every plan (ingestion reruns) and says which
+    changed = changed_conversion_settings({"ingest": {"hu_max": 2000, "hu_min": -1100}})
+    assert changed == {"hu_max": 2000.0}
+    assert conversion_settings({"ingest": {"hu_max": 2000}})["max_outside_fraction"] == 0.01
+    assert write_batch_plans(plan, ids, tmp_path / "plans", conversion=changed) == ["c0000"]
+    assert set(read_tsv(f)["conversion"]) == {'{"hu_max": 2000.0}'}
+    assert write_batch_plans(plan, ids, tmp_path / "plans", conversion=changed) == []
+    # back to the defaults: the plan is the original again
+    assert write_batch_plans(plan, ids, tmp_path / "plans", conversion={}) == ["c0000"]
+    assert f.read_bytes() == at_defaults
+
+
 def test_batch_plans_hold_paths_relative_to_the_workdir(tmp_path, monkeypatch):
     from hemocam.ingest.plan import _render, batch_table
 

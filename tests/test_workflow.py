@@ -96,6 +96,17 @@ def test_cam_parameter_reruns_only_what_follows(demo_run, tmp_path):
         assert untouched not in jobs, jobs
 
 
+def test_conversion_settings_rerun_ingestion(demo_run, tmp_path):
+    # a copy: planning writes the batch plans, even in a dry run
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_run, copy, symlinks=True)
+    overlay = tmp_path / "ingest.yaml"
+    overlay.write_text("ingest:\n  max_outside_fraction: 0.02\n")
+    out = run_snakemake(copy, "-n", configfiles=(CPU_SMALL, TINY, overlay))
+    jobs = dry_run_jobs(out.stdout + out.stderr)
+    assert jobs.get("ingest_batch") and jobs.get("preprocess_batch"), jobs
+
+
 def _job_blocks(output: str, rule: str) -> list[str]:
     """The dry run's printout of each job of `rule`: the indented lines under its header."""
     return re.findall(rf"^rule {rule}:\n((?:    .*\n?)*)", output, re.M)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from hemocam.ingest.hu import scaled, to_hu_int16, wrap_fault
+from hemocam.ingest.hu import conversion_settings, scaled, to_hu_int16, wrap_fault
 from hemocam.ingest.index import quiet_pydicom
 from hemocam.ingest.phi import identifying_values, redact
 from hemocam.ingest.series import slice_normals
@@ -369,10 +369,10 @@ def convert_series(files: pd.DataFrame, scan_id: str, out_path, cfg: dict, conve
         slope = float(first["rescale_slope"]) if pd.notna(first["rescale_slope"]) else 1.0
         inter = float(first["rescale_intercept"]) if pd.notna(first["rescale_intercept"]) else 0.0
         pad_hu = float(pad.iloc[0]) * slope + inter
+    check = conversion_settings(cfg)
     hu, hu_notes = to_hu_int16(
-        data, name, hu_min=float(ing.get("hu_min", -1100)), hu_max=float(ing.get("hu_max", 3100)),
-        pad_hu=pad_hu, wrap=bool(wrap.any()),
-        max_outside=float(ing.get("max_outside_fraction", 0.01)), overwrite=True,
+        data, name, hu_min=check["hu_min"], hu_max=check["hu_max"], pad_hu=pad_hu, wrap=bool(wrap.any()),
+        max_outside=check["max_outside_fraction"], overwrite=True,
     )
     notes += hu_notes
     save_nifti(hu, affine, out_path, dtype=np.int16)

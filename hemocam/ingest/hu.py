@@ -14,7 +14,20 @@ from hemocam.io import InputError
 AIR = -1024
 WRAP_MODULUS = 4096
 DEFAULT_MAX_OUTSIDE = 0.01  # fraction of voxels outside [hu_min, hu_max] that rejects a scan
+# the plausibility check of every converted scan: config keys ``ingest.*`` and their defaults
+CONVERSION_DEFAULTS = {"hu_min": -1100.0, "hu_max": 3100.0, "max_outside_fraction": DEFAULT_MAX_OUTSIDE}
 PADDING_MIN = -1500  # below this a frequent minimum is out-of-field padding, not tissue
+
+
+def conversion_settings(cfg: dict | None) -> dict:
+    """``CONVERSION_DEFAULTS`` with the config's ``ingest`` values."""
+    ing = (cfg or {}).get("ingest") or {}
+    return {k: float(ing[k]) if ing.get(k) is not None else d for k, d in CONVERSION_DEFAULTS.items()}
+
+
+def changed_conversion_settings(cfg: dict | None) -> dict:
+    """The conversion settings that differ from the defaults (what the batch plans record)."""
+    return {k: v for k, v in conversion_settings(cfg).items() if v != CONVERSION_DEFAULTS[k]}
 
 
 def wrap_fault(bits_stored, pixel_representation, rescale_intercept) -> bool:
@@ -56,8 +69,8 @@ def scaled(raw, slope=None, inter=None) -> np.ndarray:
     return raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
 
 
-def to_hu_int16(values, name, hu_min=-1100, hu_max=3100, pad_hu=None, wrap=False,
-                max_outside=DEFAULT_MAX_OUTSIDE, overwrite=False):
+def to_hu_int16(values, name, hu_min=CONVERSION_DEFAULTS["hu_min"], hu_max=CONVERSION_DEFAULTS["hu_max"], pad_hu=None,
+                wrap=False, max_outside=DEFAULT_MAX_OUTSIDE, overwrite=False):
     """Checked int16 HU volume and notes from converted (scaled) ``values``.
 
     ``pad_hu``: PixelPaddingValue in HU when the header gives one. Raises InputError when more

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 
 from hemocam.ingest.convert import check_affine
-from hemocam.ingest.hu import scaled, to_hu_int16
+from hemocam.ingest.hu import conversion_settings, scaled, to_hu_int16
 from hemocam.io import InputError, save_nifti
 
 MAX_VOXEL_MM = 20.0
@@ -43,9 +43,10 @@ def convert_nifti(image_path, out_path, cfg: dict, name: str) -> dict:
     min_slices = int(ing.get("min_slices", 1))
     if data.shape[2] < min_slices:
         raise InputError(f"{image_path}: {data.shape[2]} slices < ingest.min_slices {min_slices}")
+    check = conversion_settings(cfg)
     hu, hu_notes = to_hu_int16(
-        data, str(image_path), hu_min=float(ing.get("hu_min", -1100)), hu_max=float(ing.get("hu_max", 3100)),
-        max_outside=float(ing.get("max_outside_fraction", 0.01)), overwrite=owned or data is not raw,
+        data, str(image_path), hu_min=check["hu_min"], hu_max=check["hu_max"],
+        max_outside=check["max_outside_fraction"], overwrite=owned or data is not raw,
     )
     save_nifti(hu, affine, out_path, dtype=np.int16)
     return {"affine": affine, "shape": hu.shape, "zooms": zooms, "notes": notes + hu_notes}

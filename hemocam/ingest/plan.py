@@ -553,9 +553,14 @@ def relative_to_workdir(table: pd.DataFrame, workdir=None) -> pd.DataFrame:
     return out
 
 
-def write_batch_plans(plan: Plan, batches: dict, folder) -> list[str]:
+def write_batch_plans(plan: Plan, batches: dict, folder, conversion: dict | None = None) -> list[str]:
     """Write ``folder/{batch}.tsv`` for every batch; a file is rewritten only if its content
     changed, so Snakemake does not rerun unchanged batches. Returns the batches rewritten.
+
+    ``conversion``: the conversion settings that differ from their defaults
+    (:func:`hemocam.ingest.hu.changed_conversion_settings`), recorded in a ``conversion`` column:
+    changing them rewrites every plan, so ingestion reruns, while plans at the defaults stay
+    byte for byte those of earlier versions, which rerun nothing.
 
     A digest of (plan signature, batch scan list) per batch file (in ``folder/.digests.json``)
     skips even rendering an unchanged batch, so this stays cheap at every workflow parse.
@@ -571,11 +576,12 @@ def write_batch_plans(plan: Plan, batches: dict, folder) -> list[str]:
         digests = {}
     new_digests, written = {}, []
     rows_of = None
+    settings = json.dumps(dict(sorted((conversion or {}).items()))) if conversion else ""
     for name, ids in sorted(batches.items()):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
             raise ValueError(f"batch name {name!r} is not a safe file name")
         path = folder / f"{name}.tsv"
-        digest = hashlib.sha256(json.dumps([PLAN_VERSION, plan.signature, list(ids)]).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([PLAN_VERSION, plan.signature, list(ids)] + ([settings] if settings else [])).encode()).hexdigest()
         st = _stat_sig(path)
         if plan.signature and digests.get(name) == [digest, st[1], st[2]]:
             new_digests[name] = digests[name]
@@ -583,6 +589,8 @@ def write_batch_plans(plan: Plan, batches: dict, folder) -> list[str]:
         if rows_of is None:  # positions of each scan's files, computed once for all batches
             rows_of = plan.files.groupby("scan_id").indices if len(plan.files) else {}
         table = batch_table(plan, ids, rows_of)
+        if settings:
+            table["conversion"] = settings
         content = _render(relative_to_workdir(table))
         try:
             old = path.read_bytes()

@@ -210,8 +210,14 @@ def _batches(kind):
         start = stop
     if kind == "cpu":
         from hemocam.ingest import write_batch_plans
+        from hemocam.ingest.hu import changed_conversion_settings
 
-        write_batch_plans(plan, out, f"{R}/ingest/plan")
+        write_batch_plans(
+            plan,
+            out,
+            f"{R}/ingest/plan",
+            conversion=changed_conversion_settings(config),
+        )
     return out
 
 
