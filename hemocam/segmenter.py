@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ log = logging.getLogger("hemocam")
 
 BUNDLE_FORMAT = 1
 TARGETS = {"pseudomask": "pseudomask", "groundtruth": "masks"}
+# self-training: round k >= 1 trains on ``pseudomask_r{k}``, the round k - 1 model's masks
+SELF_TRAINING_TARGET = re.compile(r"pseudomask_r[1-9][0-9]*")
 
 DEFAULTS = {
     "encoder": "resnet18",
@@ -104,8 +107,19 @@ def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(255.0)
 
 
+def check_target(target: str) -> str:
+    if target not in TARGETS and not SELF_TRAINING_TARGET.fullmatch(str(target)):
+        raise ValueError(f"target must be one of {sorted(TARGETS)} or pseudomask_r<round>, got {target!r}")
+    return target
+
+
+def self_training_target(round_: int) -> str:
+    """The training target of self-training round ``round_`` (0: the CAM pseudo-masks)."""
+    return "pseudomask" if int(round_) == 0 else f"pseudomask_r{int(round_)}"
+
+
 def target_path(scan_id: str, results_dir, target: str) -> Path:
-    return Path(results_dir) / TARGETS[target] / f"{scan_id}.nii.gz"
+    return Path(results_dir) / TARGETS.get(check_target(target), target) / f"{scan_id}.nii.gz"
 
 
 def load_target(scan_id: str, results_dir, target: str, meta: dict) -> np.ndarray:
@@ -329,8 +343,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
     validate on the val split, write the bundle and history. ``cfg``: the config (``seed``,
     ``segmenter``; ``preprocess`` optional). Checkpoints go to ``<bundle dir>/checkpoints`` so a
     killed job resumes."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    check_target(target)
     sc = seg_cfg(cfg.get("segmenter"))
     seed = int(cfg.get("seed", 0))
     seed_everything(seed)
@@ -339,7 +352,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
     scans = scans[scans["status"] == "ok"]
     split = scans.set_index("scan_id")["split"].fillna("")
     k = int(sc["context_slices"])
-    drop = target == "pseudomask"
+    drop = target != "groundtruth"
     tr = _load_split([s for s, v in split.items() if v == "train"], results_dir, target, k, drop)
     va = _load_split([s for s, v in split.items() if v == "val"], results_dir, target, k, drop)
     if not tr[2]:
@@ -351,7 +364,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         # the run goes on (the evaluation and report show the outcome against ground truth), but
         # a model trained on empty targets marks nothing and scores 1.0 on empty validation ones
         hint = (" (are the classifier's CAMs on the bleeds? is pseudomask.cam_threshold too high?)"
-                if target == "pseudomask" else "")
+                if target != "groundtruth" else "")
         log.warning("segmenter: no training slice has a non-empty %s mask (%d training scans): the model learns "
                     "to mark nothing, and its validation score says nothing%s", target, len(tr[0]), hint)
     frac = float(sc["pos_fraction"])
@@ -447,8 +460,9 @@ def output_config(output: dict | None) -> dict:
     return {k: (output or {}).get(k, DEFAULTS[k]) for k in SEGMENTER_OUTPUT_KEYS}
 
 
-def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device, output: dict | None = None) -> dict:
-    """Probability map and mask of one scan; ``output``: the segmenter's output settings."""
+def predict_mask(scan_id, results_dir, model, meta_b, device, output: dict | None = None):
+    """``(probabilities, mask, cache meta)`` of one scan on its NIfTI grid: the model's
+    probabilities, thresholded inside the brain mask and the HU gate, small components dropped."""
     o = output_config(output)
     R = Path(results_dir)
     cache, meta = load_cache(*cache_paths(R, scan_id))
@@ -467,13 +481,21 @@ def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device, output: d
     if hu.shape != mask.shape:
         raise InputError(f"{R / 'nifti' / f'{scan_id}.nii.gz'}: shape {hu.shape} differs from the scan {mask.shape}")
     mask &= (hu >= float(o["hu_min"])) & (hu <= float(o["hu_max"]))
-    mask = remove_small_components(mask, int(o["min_component_voxels"]))
+    return prob_xyz, remove_small_components(mask, int(o["min_component_voxels"])), meta
+
+
+def _ml(mask, meta) -> float:
+    return round(float(mask.sum()) * float(np.prod(meta["spacing"])) / 1000.0, 3)
+
+
+def segment_scan(scan_id, results_dir, out_dir, model, meta_b, device, output: dict | None = None) -> dict:
+    """Probability map and mask of one scan; ``output``: the segmenter's output settings."""
+    prob_xyz, mask, meta = predict_mask(scan_id, results_dir, model, meta_b, device, output)
     out = Path(out_dir)
     affine = np.asarray(meta["affine"], float)
     save_nifti(prob_xyz, affine, out / f"{scan_id}_prob.nii.gz", dtype=np.float32)
     save_nifti(mask.astype(np.uint8), affine, out / f"{scan_id}.nii.gz", dtype=np.uint8)
-    voxel_ml = float(np.prod(meta["spacing"])) / 1000.0
-    return {"lesion_ml": round(float(mask.sum()) * voxel_ml, 3)}
+    return {"lesion_ml": _ml(mask, meta)}
 
 
 def segment_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, upstream=(), device=None, output=None):
@@ -484,3 +506,29 @@ def segment_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, ups
     fn = functools.partial(segment_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b, device=dev,
                            output=output)
     return run_batch("segment", list(scan_ids), fn, manifest_out, upstream=upstream)
+
+
+# ----------------------------------------------------------------------------- self-training
+def self_training_scan(scan_id, results_dir, out_dir, model, meta_b, device, output: dict | None = None,
+                       labelled: bool = True, prob_threshold: float = 0.5) -> dict:
+    """The next round's pseudo-mask of one scan: this round's segmenter mask on the slices the
+    pseudo-masks' slice gate opens (slice labels, or classifier probabilities when unlabelled)."""
+    from hemocam.pseudomask import positive_slices
+
+    _, mask, meta = predict_mask(scan_id, results_dir, model, meta_b, device, output)
+    gate = np.zeros(mask.shape[2], bool)
+    gate[positive_slices(scan_id, results_dir, mask.shape[2], labelled, prob_threshold)] = True
+    mask &= gate[None, None, :]
+    save_nifti(mask.astype(np.uint8), np.asarray(meta["affine"], float), Path(out_dir) / f"{scan_id}.nii.gz",
+               dtype=np.uint8)
+    return {"positive_slices": int(gate.sum()), "pseudomask_voxels": int(mask.sum()), "lesion_ml": _ml(mask, meta)}
+
+
+def self_training_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, labelled: bool,
+                        prob_threshold: float = 0.5, upstream=(), device=None, output=None):
+    """Write ``out_dir/{id}.nii.gz`` (uint8), the next self-training round's targets, for a batch
+    of scans with the model loaded once (see :func:`self_training_scan`)."""
+    model, meta_b, dev = load_segmenter(bundle_path, device)
+    fn = functools.partial(self_training_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b,
+                           device=dev, output=output, labelled=labelled, prob_threshold=prob_threshold)
+    return run_batch("self_training", list(scan_ids), fn, manifest_out, upstream=upstream)

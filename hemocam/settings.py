@@ -19,8 +19,9 @@ CLASSIFIER_EVALUATION_KEYS = ("tta",)
 # all that follows, once on upgrade)
 EXECUTION_KEYS = ("num_workers",)
 
-# whether the upper-bound segmenter is trained at all: no setting of the pseudo-mask one
-SEGMENTER_WORKFLOW_KEYS = ("upper_bound",)
+# whether the upper-bound segmenter is trained at all, and how many self-training rounds precede
+# the final one: no setting of any one model (a round's target is its rule's own param)
+SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training")
 
 
 def segmenter_training(cfg_seg: dict) -> dict:

@@ -18,7 +18,7 @@ from hemocam.phantom import generate_cohort
 
 pytestmark = pytest.mark.workflow
 
-TRAINING_RULES = ("train_classifier", "train_segmenter", "pseudomask_batch", "demo_cohort", "evaluate")
+TRAINING_RULES = ("train_classifier", "train_segmenter", "self_training_batch", "pseudomask_batch", "demo_cohort", "evaluate")
 
 
 def _overlay(path, export, demo_run, extra=""):

@@ -3,6 +3,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -237,3 +238,56 @@ def test_segment_output_keeps_hyperdense_voxels_only(cohort, tmp_path):
     assert np.array_equal(load_nifti(tmp_path / "old" / f"{sid}.nii.gz")[0] > 0, brain)
     assert np.array_equal(load_nifti(tmp_path / "gated" / f"{sid}.nii.gz")[0] > 0, expected)
 
+
+
+def test_self_training_targets_are_the_masks_on_gated_slices(cohort, tmp_path):
+    """Round k + 1's targets: round k's output mask, only on the slices the slice gate opens."""
+    R0, scans = cohort
+    sid = scans["scan_id"].iloc[0]
+    R = tmp_path / "R"  # a copy: this test writes its own slice labels and probabilities
+    for sub in ("cache", "brainmask", "nifti"):
+        shutil.copytree(R0 / sub, R / sub)
+
+    class AllLesion(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 1, *x.shape[-2:]), 20.0)
+
+    model = AllLesion()
+    meta_b = {"context": 1, "size": 32, "windows": WINDOWS, "model": {"in_channels": 6}, "threshold": 0.5,
+              "config": {"amp": False}}
+    out = {"min_component_voxels": 0, "tta_flip": False, "hu_min": 40, "hu_max": 120}
+    cpu = torch.device("cpu")
+    seg.segment_scan(sid, R, tmp_path / "seg", model, meta_b, cpu, out)
+    mask = load_nifti(tmp_path / "seg" / f"{sid}.nii.gz")[0] > 0
+    Z = mask.shape[2]
+    middle = np.flatnonzero(mask.any((0, 1)))
+    assert len(middle) >= 4
+    # labelled: the slice labels gate
+    pos = np.zeros(Z, bool)
+    pos[middle[1:3]] = True
+    (R / "labels").mkdir()
+    write_tsv(pd.DataFrame({"slice": range(Z), "any": pos.astype(int)}), R / "labels" / f"{sid}.tsv")
+    info = seg.self_training_scan(sid, R, tmp_path / "r1", model, meta_b, cpu, out, labelled=True)
+    got = load_nifti(tmp_path / "r1" / f"{sid}.nii.gz")[0]
+    assert got.dtype == np.uint8
+    assert np.array_equal(got > 0, mask & pos[None, None, :])
+    assert info["positive_slices"] == pos.sum() and info["pseudomask_voxels"] == int((got > 0).sum())
+    # unlabelled: the classifier's slice probabilities gate
+    probs = np.zeros(Z)
+    probs[middle[[0, 3]]] = [0.9, 0.6]
+    (R / "classifier" / "slices").mkdir(parents=True, exist_ok=True)
+    write_tsv(pd.DataFrame({"slice": range(Z), "any": probs}), R / "classifier" / "slices" / f"{sid}.tsv")
+    seg.self_training_scan(sid, R, tmp_path / "r1u", model, meta_b, cpu, out, labelled=False, prob_threshold=0.7)
+    got = load_nifti(tmp_path / "r1u" / f"{sid}.nii.gz")[0] > 0
+    z = middle[0]
+    assert got[..., z].any() and np.array_equal(got[..., z], mask[..., z])
+    assert not got[..., np.arange(Z) != z].any()
+
+
+def test_training_targets():
+    assert [seg.self_training_target(k) for k in (0, 1, 12)] == ["pseudomask", "pseudomask_r1", "pseudomask_r12"]
+    assert seg.target_path("a", "R", "pseudomask_r2").as_posix() == "R/pseudomask_r2/a.nii.gz"
+    assert seg.target_path("a", "R", "groundtruth").as_posix() == "R/masks/a.nii.gz"
+    for bad in ("cam", "pseudomask_r0", "pseudomask_r", "../pseudomask_r1"):
+        with pytest.raises(ValueError):
+            seg.target_path("a", "R", bad)

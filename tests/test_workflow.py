@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hemocam.labelset import LABELS
 from conftest import CPU_SMALL, TINY, assert_no_markers, dry_run_jobs, run_snakemake
@@ -57,7 +58,8 @@ def test_every_stage_wrote_every_scan(demo_run):
     for scan_id in ok:
         for rel in (
             f"brainmask/{scan_id}.nii.gz", f"cache/{scan_id}.npy", f"classifier/slices/{scan_id}.tsv",
-            f"cam/{scan_id}.nii.gz", f"pseudomask/{scan_id}.nii.gz", f"segmentation/{scan_id}.nii.gz",
+            f"cam/{scan_id}.nii.gz", f"pseudomask/{scan_id}.nii.gz", f"pseudomask_r1/{scan_id}.nii.gz",
+            f"segmentation/{scan_id}.nii.gz",
             f"segmentation/{scan_id}_prob.nii.gz",
         ):
             assert (demo_run / "results" / rel).exists(), rel
@@ -68,6 +70,10 @@ def test_every_stage_wrote_every_scan(demo_run):
     assert set(metrics["split"]) >= {"test"}
     seg = pd.read_csv(demo_run / "results/metrics/segmentation.tsv", sep="\t")
     assert {"cam", "pseudomask", "segmenter", "hu_threshold", "upper_bound"} <= set(seg["method"])
+    # one round of self-training: round 0 learns the pseudo-masks, the final model its masks
+    targets = {m: torch.load(demo_run / f"results/{m}/model.pt", weights_only=True)["target"]
+               for m in ("segmenter_r0", "segmenter", "segmenter_gt")}
+    assert targets == {"segmenter_r0": "pseudomask", "segmenter": "pseudomask_r1", "segmenter_gt": "groundtruth"}
 
 
 def test_second_run_does_nothing(demo_run):

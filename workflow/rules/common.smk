@@ -353,7 +353,16 @@ def results_dir(depth):
     return folder
 
 
-SEGMENTER_TARGETS = {"segmenter": "pseudomask", "segmenter_gt": "groundtruth"}
+def segmenter_target(model):
+    """What a segmenter model trains on. Self-training (segmenter.self_training rounds): round 0
+    (segmenter_r0) trains on the pseudo-masks, round k on pseudomask_r{k} (the masks of round
+    k - 1's model on the pseudo-masks' slices), and the last round is `segmenter` itself.
+    """
+    if model == "segmenter_gt":
+        return "groundtruth"
+    rounds = int(config["segmenter"].get("self_training", 0))
+    k = rounds if model == "segmenter" else int(model.removeprefix("segmenter_r"))
+    return "pseudomask" if k == 0 else f"pseudomask_r{k}"
 
 
 def segmenter_training_inputs(wildcards):
@@ -361,9 +370,23 @@ def segmenter_training_inputs(wildcards):
         "scans": f"{R}/scans.tsv",
         "preprocessed": manifests("preprocess", "cpu")(),
     }
-    if wildcards.model == "segmenter":
-        inputs["pseudomasks"] = manifests("pseudomask", "gpu")()
+    target = segmenter_target(wildcards.model)
+    if target != "groundtruth":
+        inputs["pseudomasks"] = manifests(target, "gpu")()
     return inputs
+
+
+def self_training_inputs(wildcards):
+    """Round k's targets come from round k - 1's model, and pass on the scans its targets lost."""
+    k = int(wildcards.round)
+    previous = segmenter_target(f"segmenter_r{k - 1}")
+    return {
+        "bundle": f"{R}/segmenter_r{k - 1}/model.pt",
+        "targets": f"{R}/{previous}/batches/{wildcards.batch}.tsv",
+        "slices": upstream("classifier", "classify")(wildcards),
+        # params read the scan plan: a cluster job must see the demo checkpoint as an input
+        "plan": upstream("preprocess", "cpu")(wildcards),
+    }
 
 
 def segmentation_bundle(wildcards):

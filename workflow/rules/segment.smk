@@ -17,7 +17,7 @@ rule train_segmenter:
     benchmark:
         f"{BENCH}/train_{{model}}.tsv"
     wildcard_constraints:
-        model="segmenter|segmenter_gt",
+        model="segmenter|segmenter_gt|segmenter_r[0-9]+",
     conda:
         "../../envs/hemocam.yaml"
     threads: 8
@@ -27,7 +27,7 @@ rule train_segmenter:
         runtime=720,
     params:
         results=results_dir(1),
-        target=lambda wildcards: SEGMENTER_TARGETS[wildcards.model],
+        target=lambda wildcards: segmenter_target(wildcards.model),
         # the output settings are the segment rule's, execution keys the script reads from the
         # config: changing them retrains nothing
         config=lambda wildcards: {
@@ -37,6 +37,35 @@ rule train_segmenter:
         },
     script:
         "../scripts/train_segmenter.py"
+
+
+rule self_training_batch:
+    input:
+        unpack(self_training_inputs),
+    output:
+        manifest=f"{R}/pseudomask_r{{round}}/batches/{{batch}}.tsv",
+    log:
+        f"{LOGS}/pseudomask_r{{round}}/{{batch}}.log",
+    benchmark:
+        f"{BENCH}/pseudomask_r{{round}}/{{batch}}.tsv"
+    wildcard_constraints:
+        round="[1-9][0-9]*",
+    conda:
+        "../../envs/hemocam.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=batch_runtime("gpu", "segment", 120),
+    params:
+        scans=batch_scans("gpu"),
+        results=results_dir(2),
+        # the segmenter's output settings shape the masks that become the next round's targets
+        output=segmenter_output(config["segmenter"]),
+        labelled=has_labels(),
+        prob_threshold=config["pseudomask"]["prob_threshold"],
+    script:
+        "../scripts/self_training.py"
 
 
 rule segment_batch:
