@@ -115,7 +115,7 @@ def test_conversion_settings_rerun_ingestion(demo_run, tmp_path):
 
 def _job_blocks(output: str, rule: str) -> list[str]:
     """The dry run's printout of each job of `rule`: the indented lines under its header."""
-    return re.findall(rf"^rule {rule}:\n((?:    .*\n?)*)", output, re.M)
+    return re.findall(rf"^(?:local)?rule {rule}:\n((?:    .*\n?)*)", output, re.M)
 
 
 def test_batch_time_limits_grow_with_their_scans(demo_run, tmp_path):
@@ -135,9 +135,17 @@ def test_segmenter_output_settings_rerun_inference_only(demo_run, tmp_path):
     overlay = tmp_path / "gate.yaml"
     overlay.write_text("segmenter:\n  hu_max: 110\n")
     out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    jobs = dry_run_jobs(out.stdout + out.stderr)
+    text = out.stdout + out.stderr
+    jobs = dry_run_jobs(text)
     assert jobs.get("segment_batch") and "evaluate" in jobs, jobs
-    assert "train_segmenter" not in jobs and "train_classifier" not in jobs, jobs
+    # with self-training it also shapes round 1's targets: only the model trained on them retrains
+    assert jobs.get("self_training_batch") and jobs.get("train_segmenter") == 1 and "train_classifier" not in jobs, jobs
+    assert re.findall(r"^\s+output: (\S+)", "".join(_job_blocks(text, "train_segmenter")), re.M) == [
+        "results/segmenter/model.pt,"], text[-3000:]
+    overlay.write_text("segmenter:\n  hu_max: 110\n  self_training: 0\n")
+    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
+    jobs = dry_run_jobs(out.stdout + out.stderr)
+    assert jobs.get("segment_batch") and jobs.get("train_segmenter") == 1 and "self_training_batch" not in jobs, jobs
     # dropping the upper bound changes what is evaluated, not the weakly supervised segmenter
     overlay.write_text("segmenter:\n  upper_bound: false\n")
     out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
