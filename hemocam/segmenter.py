@@ -113,11 +113,6 @@ def check_target(target: str) -> str:
     return target
 
 
-def self_training_target(round_: int) -> str:
-    """The training target of self-training round ``round_`` (0: the CAM pseudo-masks)."""
-    return "pseudomask" if int(round_) == 0 else f"pseudomask_r{int(round_)}"
-
-
 def target_path(scan_id: str, results_dir, target: str) -> Path:
     return Path(results_dir) / TARGETS.get(check_target(target), target) / f"{scan_id}.nii.gz"
 

@@ -24,6 +24,12 @@ EXECUTION_KEYS = ("num_workers",)
 SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training")
 
 
+def self_training_target(round_: int) -> str:
+    """What self-training round ``round_`` trains on: 0, the CAM pseudo-masks; k, the masks of
+    round k - 1's segmenter on the pseudo-masks' slices (``results/pseudomask_r{k}``)."""
+    return "pseudomask" if int(round_) == 0 else f"pseudomask_r{int(round_)}"
+
+
 def segmenter_training(cfg_seg: dict) -> dict:
     """The ``segmenter`` section without the keys that do not shape its training."""
     leave = (*SEGMENTER_OUTPUT_KEYS, *EXECUTION_KEYS, *SEGMENTER_WORKFLOW_KEYS)

@@ -11,7 +11,7 @@ from hemocam import segmenter as seg
 from hemocam.io import load_nifti, read_tsv, save_nifti, write_tsv
 from hemocam.phantom import write_nifti_cohort
 from hemocam.preprocess import cache_paths, load_cache, preprocess_batch
-from hemocam.settings import SEGMENTER_OUTPUT_KEYS
+from hemocam.settings import SEGMENTER_OUTPUT_KEYS, self_training_target
 
 WINDOWS = [{"name": "brain", "center": 40, "width": 80}, {"name": "subdural", "center": 80, "width": 200}]
 SEG = {"encoder": "plain", "base_channels": 4, "context_slices": 1, "epochs": 2, "batch_size": 4, "lr": 1e-3,
@@ -285,7 +285,7 @@ def test_self_training_targets_are_the_masks_on_gated_slices(cohort, tmp_path):
 
 
 def test_training_targets():
-    assert [seg.self_training_target(k) for k in (0, 1, 12)] == ["pseudomask", "pseudomask_r1", "pseudomask_r12"]
+    assert [self_training_target(k) for k in (0, 1, 12)] == ["pseudomask", "pseudomask_r1", "pseudomask_r12"]
     assert seg.target_path("a", "R", "pseudomask_r2").as_posix() == "R/pseudomask_r2/a.nii.gz"
     assert seg.target_path("a", "R", "groundtruth").as_posix() == "R/masks/a.nii.gz"
     for bad in ("cam", "pseudomask_r0", "pseudomask_r", "../pseudomask_r1"):

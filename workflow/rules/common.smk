@@ -23,7 +23,7 @@ os.environ.update(
 
 validate(config, "../schemas/config.schema.yaml")
 
-from hemocam.settings import segmenter_output, segmenter_training
+from hemocam.settings import segmenter_output, segmenter_training, self_training_target
 
 
 def validate_samplesheet():
@@ -362,7 +362,7 @@ def segmenter_target(model):
         return "groundtruth"
     rounds = int(config["segmenter"].get("self_training", 0))
     k = rounds if model == "segmenter" else int(model.removeprefix("segmenter_r"))
-    return "pseudomask" if k == 0 else f"pseudomask_r{k}"
+    return self_training_target(k)
 
 
 def segmenter_training_inputs(wildcards):
