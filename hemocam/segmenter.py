@@ -36,6 +36,7 @@ from hemocam.io import InputError, atomic_path, load_nifti, read_tsv, save_nifti
 from hemocam.metrics import remove_small_components
 from hemocam.models.unet import UNet, in_channels_for
 from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
+from hemocam.pseudomask import positive_slices
 from hemocam.settings import SEGMENTER_OUTPUT_KEYS, segmenter_training
 from hemocam.train import amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device, EpochSampler
 
@@ -508,8 +509,6 @@ def self_training_scan(scan_id, results_dir, out_dir, model, meta_b, device, out
                        labelled: bool = True, prob_threshold: float = 0.5) -> dict:
     """The next round's pseudo-mask of one scan: this round's segmenter mask on the slices the
     pseudo-masks' slice gate opens (slice labels, or classifier probabilities when unlabelled)."""
-    from hemocam.pseudomask import positive_slices
-
     _, mask, meta = predict_mask(scan_id, results_dir, model, meta_b, device, output)
     gate = np.zeros(mask.shape[2], bool)
     gate[positive_slices(scan_id, results_dir, mask.shape[2], labelled, prob_threshold)] = True
