@@ -3,7 +3,9 @@
 Methods (each skipped for a scan whose output file is absent):
 
 - ``cam``          raw Grad-CAM: ``R/cam`` >= ``evaluate.cam_threshold`` inside the brain mask;
-- ``pseudomask``   ``R/pseudomask`` (the segmenter's training targets);
+- ``pseudomask``   ``R/pseudomask`` (the first segmenter's training targets);
+- ``self_training`` the last self-training round's targets (``R/pseudomask_r{n}``, the final
+  segmenter's training targets), when the run trains with ``segmenter.self_training: n``;
 - ``segmenter``    ``R/segmentation`` (the weakly supervised U-Net);
 - ``hu_threshold`` a no-learning baseline: ``hu_baseline_min <= HU <= hu_baseline_max`` inside the
   brain mask, components smaller than ``evaluate.min_component_voxels`` removed;
@@ -32,18 +34,22 @@ from hemocam.metrics import remove_small_components, score_volume
 
 log = logging.getLogger("hemocam")
 
-METHODS = ("cam", "pseudomask", "segmenter", "hu_threshold", "upper_bound")
+METHODS = ("cam", "pseudomask", "self_training", "segmenter", "hu_threshold", "upper_bound")
 COLUMNS = ["scan_id", "split", "method", "positive", "dice", "hd95_mm", "vol_pred_ml", "vol_true_ml", "rvd", "dice2d"]
 DEFAULTS = {"cam_threshold": 0.5, "hu_baseline_min": 50, "hu_baseline_max": 90, "min_component_voxels": 20}
 
 
-def _method_masks(scan_id: str, R: Path, cfg: dict, hu, brain):
+def _method_masks(scan_id: str, R: Path, cfg: dict, hu, brain, self_training_target: str = ""):
     """Yield (method, predicted mask) for every method whose output exists for this scan."""
     cam_path = R / "cam" / f"{scan_id}.nii.gz"
     if cam_path.exists():
         cam, _ = load_nifti(cam_path, dtype=np.float32)
         yield "cam", (cam >= float(cfg["cam_threshold"])) & brain
-    for method, folder in (("pseudomask", "pseudomask"), ("segmenter", "segmentation")):
+    # the folder comes from the config: a pseudomask_r{k} left by a run with more rounds is not it
+    folders = (("pseudomask", "pseudomask"), ("self_training", self_training_target), ("segmenter", "segmentation"))
+    for method, folder in folders:
+        if not folder:
+            continue
         p = R / folder / f"{scan_id}.nii.gz"
         if p.exists():
             yield method, load_nifti(p)[0] > 0
@@ -54,8 +60,10 @@ def _method_masks(scan_id: str, R: Path, cfg: dict, hu, brain):
         yield "upper_bound", load_nifti(p)[0] > 0
 
 
-def evaluate_scan(scan_id: str, split: str, results_dir, cfg_eval: dict | None = None) -> list[dict]:
-    """Rows for one scan (empty list when it has no ground-truth mask)."""
+def evaluate_scan(scan_id: str, split: str, results_dir, cfg_eval: dict | None = None,
+                  self_training_target: str = "") -> list[dict]:
+    """Rows for one scan (empty list when it has no ground-truth mask); ``self_training_target``:
+    the folder of the last self-training round's targets (``""``: no such method)."""
     R = Path(results_dir)
     cfg = {**DEFAULTS, **{k: v for k, v in (cfg_eval or {}).items() if v is not None}}
     gt_path = R / "masks" / f"{scan_id}.nii.gz"
@@ -67,7 +75,7 @@ def evaluate_scan(scan_id: str, split: str, results_dir, cfg_eval: dict | None =
     spacing = tuple(float(s) for s in nib.load(nifti).header.get_zooms()[:3])
     brain = load_nifti(R / "brainmask" / f"{scan_id}.nii.gz")[0] > 0
     rows = []
-    for method, pred in _method_masks(scan_id, R, cfg, hu, brain):
+    for method, pred in _method_masks(scan_id, R, cfg, hu, brain, self_training_target):
         if pred.shape != gt.shape:
             log.warning("evaluate: %s %s has shape %s, ground truth %s: skipped", scan_id, method, pred.shape, gt.shape)
             continue
@@ -99,10 +107,11 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def evaluate(scans_tsv, results_dir, cfg: dict, out_tsv, summary_tsv) -> pd.DataFrame:
+def evaluate(scans_tsv, results_dir, cfg: dict, out_tsv, summary_tsv, self_training_target: str = "") -> pd.DataFrame:
     """Write ``out_tsv`` (one row per scan with a ground-truth mask and method) and ``summary_tsv``.
 
-    ``cfg`` is the whole config (``evaluate`` section used) or the ``evaluate`` section itself.
+    ``cfg`` is the whole config (``evaluate`` section used) or the ``evaluate`` section itself;
+    ``self_training_target``: see :func:`evaluate_scan`.
     """
     cfg_eval = cfg.get("evaluate", cfg) if isinstance(cfg, dict) else {}
     scans = read_tsv(scans_tsv, dtype={"scan_id": str})
@@ -110,7 +119,7 @@ def evaluate(scans_tsv, results_dir, cfg: dict, out_tsv, summary_tsv) -> pd.Data
     rows = []
     for sid, split in zip(scans["scan_id"], scans["split"].fillna("")):
         try:
-            rows += evaluate_scan(sid, split or "none", results_dir, cfg_eval)
+            rows += evaluate_scan(sid, split or "none", results_dir, cfg_eval, self_training_target)
         except Exception as exc:  # one unreadable output must not hide the other scans' scores
             log.error("evaluate: %s skipped: %s: %s", sid, type(exc).__name__, exc)
     table = pd.DataFrame(rows, columns=COLUMNS)

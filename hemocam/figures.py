@@ -276,7 +276,7 @@ def training_figure(history_tsv, out_png, title: str) -> None:
 
 # ---------------------------------------------------------------- evaluation
 
-METHOD_ORDER = ("cam", "pseudomask", "segmenter", "hu_threshold", "upper_bound")
+METHOD_ORDER = ("cam", "pseudomask", "self_training", "segmenter", "hu_threshold", "upper_bound")
 
 
 def _first(df, *names):

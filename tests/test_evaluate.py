@@ -35,7 +35,8 @@ def results(tmp_path):
     ub = gt.copy()
     for folder, arr, dt in (("nifti", hu, np.int16), ("brainmask", brain, np.uint8), ("masks", gt, np.uint8),
                             ("cam", cam, np.float32), ("pseudomask", np.zeros(SHAPE), np.uint8),
-                            ("segmentation", seg, np.uint8), ("segmentation_gt", ub, np.uint8)):
+                            ("segmentation", seg, np.uint8), ("segmentation_gt", ub, np.uint8),
+                            ("pseudomask_r2", seg, np.uint8), ("pseudomask_r1", gt, np.uint8)):
         put(R, folder, "s1", arr, dt)
     # s2: negative; everything empty except a CAM below threshold
     hu2 = np.where(brain > 0, 20, -1000).astype(np.int16)
@@ -52,12 +53,15 @@ def results(tmp_path):
 
 def test_evaluate_table_and_summary(results):
     R = results
-    table = evaluate(R / "scans.tsv", R, CFG, R / "metrics" / "segmentation.tsv", R / "metrics" / "summary.tsv")
+    table = evaluate(R / "scans.tsv", R, CFG, R / "metrics" / "segmentation.tsv", R / "metrics" / "summary.tsv",
+                     self_training_target="pseudomask_r2")
     t = read_tsv(R / "metrics" / "segmentation.tsv")
     assert list(t.columns) == COLUMNS
     assert set(t["scan_id"]) == {"s1", "s2"}
     r = t[t["scan_id"] == "s1"].set_index("method")
-    assert set(r.index) == {"cam", "pseudomask", "segmenter", "hu_threshold", "upper_bound"}
+    assert set(r.index) == {"cam", "pseudomask", "self_training", "segmenter", "hu_threshold", "upper_bound"}
+    # the named round's targets (pseudomask_r2), not another round's left in the results
+    assert r.loc["self_training", "dice"] == pytest.approx(2 * 6 / 15)
     assert r.loc["hu_threshold", "dice"] == pytest.approx(1.0)
     assert r.loc["cam", "dice"] == pytest.approx(1.0)
     assert r.loc["segmenter", "dice"] == pytest.approx(2 * 6 / 15)
@@ -85,6 +89,12 @@ def test_evaluate_table_and_summary(results):
     pm = s[(s["split"] == "test") & (s["method"] == "pseudomask")].iloc[0]
     assert pm["n_positive"] == 1 and pm["n_hd95_pos"] == 0 and math.isnan(pm["hd95_mm_pos"])
     assert set(s["split"]) == {"test", "all"}
+    assert list(s[s["split"] == "test"]["method"]) == ["cam", "pseudomask", "self_training", "segmenter", "hu_threshold",
+                                                      "upper_bound"]
+
+    # without self-training there is no such method, whatever pseudomask_r{k} folders lie about
+    evaluate(R / "scans.tsv", R, CFG, R / "t.tsv", R / "s.tsv")
+    assert "self_training" not in set(read_tsv(R / "t.tsv")["method"])
 
 
 def test_evaluate_without_ground_truth(tmp_path):

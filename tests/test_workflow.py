@@ -69,7 +69,7 @@ def test_every_stage_wrote_every_scan(demo_run):
     assert set(LABELS) <= set(metrics["label"])
     assert set(metrics["split"]) >= {"test"}
     seg = pd.read_csv(demo_run / "results/metrics/segmentation.tsv", sep="\t")
-    assert {"cam", "pseudomask", "segmenter", "hu_threshold", "upper_bound"} <= set(seg["method"])
+    assert {"cam", "pseudomask", "self_training", "segmenter", "hu_threshold", "upper_bound"} <= set(seg["method"])
     # one round of self-training: round 0 learns the pseudo-masks, the final model its masks
     targets = {m: torch.load(demo_run / f"results/{m}/model.pt", weights_only=True)["target"]
                for m in ("segmenter_r0", "segmenter", "segmenter_gt")}

@@ -395,6 +395,15 @@ def segmentation_bundle(wildcards):
     return f"{R}/segmenter_gt/model.pt"
 
 
+def evaluated_self_training_target():
+    """The final segmenter's targets when self-training made them ("" when none: evaluated as a
+    method beside the CAM pseudo-masks)."""
+    if not trains_segmenter():
+        return ""
+    target = segmenter_target("segmenter")
+    return "" if target == "pseudomask" else target
+
+
 def evaluation_inputs(wildcards):
     inputs = {
         "scans": f"{R}/scans.tsv",
@@ -403,6 +412,8 @@ def evaluation_inputs(wildcards):
     }
     if trains_segmenter():
         inputs["pseudomasks"] = manifests("pseudomask", "gpu")()
+    if evaluated_self_training_target():
+        inputs["self_training"] = manifests(evaluated_self_training_target(), "gpu")()
     if upper_bound_active():
         inputs["upper_bound"] = manifests("segmentation_gt", "gpu")()
     return inputs

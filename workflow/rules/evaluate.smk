@@ -1,4 +1,5 @@
-# Evaluation against ground-truth masks: CAM, pseudo-mask, segmenter, HU baseline, upper bound.
+# Evaluation against ground-truth masks: CAM, pseudo-mask, self-training targets, segmenter, HU
+# baseline, upper bound.
 
 
 rule evaluate:
@@ -28,5 +29,6 @@ rule evaluate:
     params:
         results=results_dir(1),
         config={"evaluate": config["evaluate"]},
+        self_training_target=evaluated_self_training_target(),
     script:
         "../scripts/evaluate.py"

@@ -8,4 +8,5 @@ evaluate(
     snakemake.params.config,
     out_tsv=snakemake.output.table,
     summary_tsv=snakemake.output.summary,
+    self_training_target=snakemake.params.self_training_target,
 )
