@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,13 @@ from hemocam.metrics import remove_small_components
 from hemocam.models.unet import UNet, in_channels_for
 from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
 from hemocam.pseudomask import positive_slices
-from hemocam.settings import SEGMENTER_OUTPUT_KEYS, segmenter_training
+from hemocam.settings import SEGMENTER_OUTPUT_KEYS, SELF_TRAINING_TARGET, segmenter_training
 from hemocam.train import amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device, EpochSampler
 
 log = logging.getLogger("hemocam")
 
 BUNDLE_FORMAT = 1
 TARGETS = {"pseudomask": "pseudomask", "groundtruth": "masks"}
-# self-training: round k >= 1 trains on ``pseudomask_r{k}``, the round k - 1 model's masks
-SELF_TRAINING_TARGET = re.compile(r"pseudomask_r[1-9][0-9]*")
 
 DEFAULTS = {
     "encoder": "resnet18",

@@ -7,6 +7,8 @@ training's checkpoint key (:func:`hemocam.train.run_key`).
 
 from __future__ import annotations
 
+import re
+
 # applied to the segmenter's probabilities when a scan is segmented: the segment rule's params
 SEGMENTER_OUTPUT_KEYS = ("min_component_voxels", "hu_min", "hu_max", "tta_flip", "infer_batch")
 # ``threshold`` is not one of them: validation Dice, and so the kept epoch, depend on it
@@ -22,6 +24,10 @@ EXECUTION_KEYS = ("num_workers",)
 # whether the upper-bound segmenter is trained at all, and how many self-training rounds precede
 # the final one: no setting of any one model (a round's target is its rule's own param)
 SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training")
+
+
+# the names self_training_target gives rounds k >= 1
+SELF_TRAINING_TARGET = re.compile(r"pseudomask_r[1-9][0-9]*")
 
 
 def self_training_target(round_: int) -> str:

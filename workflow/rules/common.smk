@@ -412,8 +412,9 @@ def evaluation_inputs(wildcards):
     }
     if trains_segmenter():
         inputs["pseudomasks"] = manifests("pseudomask", "gpu")()
-    if evaluated_self_training_target():
-        inputs["self_training"] = manifests(evaluated_self_training_target(), "gpu")()
+    self_training = evaluated_self_training_target()
+    if self_training:
+        inputs["self_training"] = manifests(self_training, "gpu")()
     if upper_bound_active():
         inputs["upper_bound"] = manifests("segmentation_gt", "gpu")()
     return inputs
