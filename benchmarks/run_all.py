@@ -44,6 +44,7 @@ def plan(quick: bool, out: Path) -> list[tuple[str, list[str]]]:
                      "--out", str(out / "cam.json")]),
             ("overhead", [PY, HERE / "bench_overhead.py", "--device", "cpu", "--scans", "1", "--matrix", "128",
                           "--slices", "16", "--repeats", "1", "--no-snakemake", *o]),
+            ("growth", [PY, HERE / "bench_growth.py", "--scans", "8", "--matrix", "64", "--slices", "16", *o]),
         ]
     return [
         ("planning", [PY, HERE / "bench_planning.py", "--sizes", "1000,5000,25000", "--demo", *o]),
@@ -55,6 +56,7 @@ def plan(quick: bool, out: Path) -> list[tuple[str, list[str]]]:
                         "--steps", "3", "--warmup", "1", "--batch-size", "2", "--out", str(out / "classifier.json")]),
         ("cam", [PY, HERE / "bench_cam.py", "--device", "cpu", "--repeats", "3", "--out", str(out / "cam.json")]),
         ("overhead", [PY, HERE / "bench_overhead.py", "--device", "cpu", "--scans", "2", "--repeats", "2", *o]),
+        ("growth", [PY, HERE / "bench_growth.py", "--scans", "40", "--matrix", "128", *o]),
     ]
 
 
@@ -166,7 +168,7 @@ def main(argv=None):
     ap.add_argument("--gpu-summary", metavar="OUT", help="only summarise a benchmarks/gpu.sh run in OUT")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--only", default="",
-                    help="comma-separated subset of: planning,ingest,ingest512,preprocess,classifier,cam,overhead")
+                    help="comma-separated subset of: planning,ingest,ingest512,preprocess,classifier,cam,overhead,growth")
     ap.add_argument("--out", default=str(bl.DEFAULT_OUT))
     a = ap.parse_args(argv)
     if a.gpu_summary:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from hemocam.io import InputError, read_tsv, write_tsv
+from hemocam.stamps import Stamps
 
 log = logging.getLogger("hemocam")
 
@@ -57,12 +58,15 @@ def run_batch(
     manifest_out,
     upstream: Iterable = (),
     processes: int = 1,
+    stamps: Stamps | None = None,
 ) -> pd.DataFrame:
     """Apply ``fn(scan_id)`` to every scan of the batch and write the manifest.
 
     ``upstream`` are manifests of the previous stages: scans not ``ok`` there are passed through
     as rejected without calling ``fn``. With ``processes > 1`` scans run in a process pool
     (``fn`` must then be picklable, e.g. a ``functools.partial`` of a module-level function).
+    ``stamps`` (:class:`hemocam.stamps.Stamps`): scans whose stamp holds keep their outputs and
+    row without calling ``fn``; the scans done are stamped.
     """
     up = read_manifests(upstream) if upstream else None
     rows, todo = [], []
@@ -77,6 +81,15 @@ def run_batch(
                 rows.append({"scan_id": sid, "status": bad.iloc[0]["status"], "reason": bad.iloc[0]["reason"]})
                 continue
         todo.append(sid)
+    if stamps is not None:
+        kept = [row for row in map(stamps.kept, todo) if row is not None]
+        if kept:
+            log.info("%s: %d of %d scan(s) kept: unchanged since they were done", stage, len(kept), len(todo))
+            rows.extend(kept)
+            done_ids = {row["scan_id"] for row in kept}
+            todo = [sid for sid in todo if sid not in done_ids]
+        for sid in todo:
+            stamps.key(sid)  # the inputs as they are before the work
     if processes > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=min(processes, len(todo))) as pool:
             done = list(pool.map(_run_one, [stage] * len(todo), [fn] * len(todo), todo))
@@ -85,6 +98,9 @@ def run_batch(
         for i, sid in enumerate(todo, 1):
             log.info("%s: scan %d/%d %s", stage, i, len(todo), sid)
             done.append(_run_one(stage, fn, sid))
+    if stamps is not None:
+        for row in done:
+            stamps.record(row)
     rows.extend(done)
     order = {sid: i for i, sid in enumerate(scan_ids)}
     df = pd.DataFrame(rows)

@@ -196,6 +196,21 @@ def test_nifti_accepted_scans_identical_and_rows_one_line(physionet):
     assert "Traceback" not in physionet["proc"].out
 
 
+def test_min_slices_reruns_nifti_ingestion(physionet, tmp_path):
+    # a NIfTI scan's slice count is first read at conversion: the batch plans must change
+    run = tmp_path / "run"
+    shutil.copytree(physionet["base"].parent, run, symlinks=True)
+    cfg = physionet_config(physionet["root"] / "base")
+    proc = snakemake(run, {**cfg, "ingest": {"min_slices": 13}}, "ingest")
+    scans = read_scans(run / "results")
+    assert len(scans) == 3 and set(scans["status"]) == {"rejected"}, scans
+    assert scans["reason"].str.contains(r"\.nii: 12 slices < ingest\.min_slices 13").all(), scans["reason"]
+    assert not checksums(run / "results")  # nothing of the earlier ingestion is left as a result
+    proc = snakemake(run, cfg, "ingest")
+    assert "Nothing to be done" not in proc.out
+    assert checksums(run / "results") == checksums(physionet["base"])
+
+
 def test_samplesheet_label_rows_and_unlabelled_scans(physionet, tmp_path):
     base = physionet["root"] / "base"
     sheet = tmp_path / "sheet.tsv"

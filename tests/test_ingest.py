@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from conftest import assert_no_markers
+from conftest import REPO, assert_no_markers
 from hemocam.ingest import ingest_batch, plan_cohort, write_batch_plans, write_scans_table
 from hemocam.ingest import hu as hu_mod
 from hemocam.ingest import index as ix
@@ -623,9 +623,35 @@ def test_changed_conversion_settings_rewrite_the_batch_plans(tmp_path):
     assert write_batch_plans(plan, ids, tmp_path / "plans", conversion=changed) == ["c0000"]
     assert set(read_tsv(f)["conversion"]) == {'{"hu_max": 2000.0}'}
     assert write_batch_plans(plan, ids, tmp_path / "plans", conversion=changed) == []
+    # a dry run previews the plans that would change and leaves the plans (and digests) alone
+    digests = (tmp_path / "plans" / ".digests.json").read_bytes()
+    stat = f.stat().st_mtime_ns
+    preview = tmp_path / "plans" / "dryrun"
+    assert write_batch_plans(plan, ids, tmp_path / "plans", conversion={}, dry_run=True) == ["c0000"]
+    assert (preview / "c0000.tsv").read_bytes() == at_defaults
+    assert f.stat().st_mtime_ns == stat and (tmp_path / "plans" / ".digests.json").read_bytes() == digests
+    assert write_batch_plans(plan, ids, tmp_path / "plans", conversion=changed, dry_run=True) == []
+    assert not preview.exists()  # an earlier dry run's previews go
     # back to the defaults: the plan is the original again
     assert write_batch_plans(plan, ids, tmp_path / "plans", conversion={}) == ["c0000"]
     assert f.read_bytes() == at_defaults
+
+
+def test_min_slices_is_a_conversion_setting_of_nifti_cohorts():
+    import yaml
+
+    from hemocam.ingest.hu import CONVERSION_DEFAULTS, DEFAULT_MIN_SLICES, changed_conversion_settings
+
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["ingest"]
+    assert shipped["min_slices"] == DEFAULT_MIN_SLICES
+    assert {k: shipped.get(k, v) for k, v in CONVERSION_DEFAULTS.items()} == CONVERSION_DEFAULTS
+    for fmt in ("physionet", "samplesheet"):
+        assert changed_conversion_settings({"input": {"format": fmt}, "ingest": shipped}) == {}
+        cfg = {"input": {"format": fmt}, "ingest": {**shipped, "min_slices": 13}}
+        assert changed_conversion_settings(cfg) == {"min_slices": 13}
+    # a DICOM series' slice count is in the plan itself (its signature holds min_slices)
+    for fmt in ("dicom", "rsna"):
+        assert changed_conversion_settings({"input": {"format": fmt}, "ingest": {"min_slices": 13}}) == {}
 
 
 def test_batch_plans_hold_paths_relative_to_the_workdir(tmp_path, monkeypatch):

@@ -103,14 +103,20 @@ def test_cam_parameter_reruns_only_what_follows(demo_run, tmp_path):
 
 
 def test_conversion_settings_rerun_ingestion(demo_run, tmp_path):
-    # a copy: planning writes the batch plans, even in a dry run
-    copy = tmp_path / "copy"
+    copy = tmp_path / "copy"  # a copy, should a dry run write the plans after all
     shutil.copytree(demo_run, copy, symlinks=True)
+    plans = sorted((copy / "results/ingest/plan").glob("*.tsv"))
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in plans]
     overlay = tmp_path / "ingest.yaml"
     overlay.write_text("ingest:\n  max_outside_fraction: 0.02\n")
     out = run_snakemake(copy, "-n", configfiles=(CPU_SMALL, TINY, overlay))
     jobs = dry_run_jobs(out.stdout + out.stderr)
-    assert jobs.get("ingest_batch") and jobs.get("preprocess_batch"), jobs
+    assert jobs.get("ingest_batch") == len(plans) and jobs.get("preprocess_batch"), jobs
+    # the dry run lists the rerun but changes no plan: back at the old setting, nothing reruns
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in plans] == before
+    out = run_snakemake(copy, "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stdout[-3000:]
+    assert not (copy / "results/ingest/plan/dryrun").exists()
 
 
 def _job_blocks(output: str, rule: str) -> list[str]:

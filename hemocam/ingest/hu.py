@@ -16,6 +16,9 @@ WRAP_MODULUS = 4096
 DEFAULT_MAX_OUTSIDE = 0.01  # fraction of voxels outside [hu_min, hu_max] that rejects a scan
 # the plausibility check of every converted scan: config keys ``ingest.*`` and their defaults
 CONVERSION_DEFAULTS = {"hu_min": -1100.0, "hu_max": 3100.0, "max_outside_fraction": DEFAULT_MAX_OUTSIDE}
+# input formats whose scans may be NIfTI files (a sample sheet may also name DICOM folders)
+NIFTI_FORMATS = ("physionet", "samplesheet")
+DEFAULT_MIN_SLICES = 10  # config ingest.min_slices as shipped
 PADDING_MIN = -1500  # below this a frequent minimum is out-of-field padding, not tissue
 
 
@@ -26,8 +29,17 @@ def conversion_settings(cfg: dict | None) -> dict:
 
 
 def changed_conversion_settings(cfg: dict | None) -> dict:
-    """The conversion settings that differ from the defaults (what the batch plans record)."""
-    return {k: v for k, v in conversion_settings(cfg).items() if v != CONVERSION_DEFAULTS[k]}
+    """The conversion settings that differ from the defaults (what the batch plans record).
+
+    A NIfTI scan's slice count is first read when it is converted (a DICOM series' count is
+    known when the cohort is planned), so for NIfTI cohorts ``ingest.min_slices`` is one of them.
+    """
+    changed = {k: v for k, v in conversion_settings(cfg).items() if v != CONVERSION_DEFAULTS[k]}
+    fmt = ((cfg or {}).get("input") or {}).get("format")
+    min_slices = ((cfg or {}).get("ingest") or {}).get("min_slices")
+    if fmt in NIFTI_FORMATS and min_slices is not None and int(min_slices) != DEFAULT_MIN_SLICES:
+        changed["min_slices"] = int(min_slices)
+    return changed
 
 
 def wrap_fault(bits_stored, pixel_representation, rescale_intercept) -> bool:

@@ -17,17 +17,18 @@ import pandas as pd
 
 from hemocam.batch import run_batch
 from hemocam.ingest.convert import (
-    convert_series, phi_values, run_dcm2niix_batch, scratch_dir, slice_centres_ras, usable_rows,
+    convert_series, find_dcm2niix, phi_values, run_dcm2niix_batch, scratch_dir, slice_centres_ras, usable_rows,
 )
 from hemocam.ingest.index import quiet_pydicom, read_header
 from hemocam.ingest.labels import (
-    map_dicom_labels, read_physionet_labels, read_rsna_labels, read_sheet_labels, slice_table,
+    map_dicom_labels, read_physionet_labels, read_rsna_labels, read_sheet_labels, slice_table, sop_key,
 )
 from hemocam.ingest.masks import mask_on_grid
 from hemocam.ingest.nifti import convert_nifti
 from hemocam.ingest.phi import redact
 from hemocam.ingest.plan import read_batch_plan
 from hemocam.io import InputError, save_nifti, write_tsv
+from hemocam.stamps import Stamps, digest, file_sig, library_versions, source_digest
 
 log = logging.getLogger("hemocam")
 
@@ -175,6 +176,8 @@ def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: 
                 conversion: str | None = None) -> dict:
     """Convert one planned scan; returns its manifest columns (raises InputError to reject).
 
+    A rejected scan has no outputs, not even those of an earlier run that accepted it.
+
     ``conversion``: key of the batch's ``BatchConversion`` in this process, if any. Reasons and
     notes name files: identifying header values of the series are removed from them (a PACS
     export's folders often spell the patient's name or accession number).
@@ -185,6 +188,8 @@ def ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir: 
     try:
         out = _ingest_scan(scan_id, batch_plan_path, cfg_json, results_dir, conversion)
     except InputError as exc:
+        for path in output_paths(results_dir, scan_id).values():  # an earlier run's, say
+            _unlink(path)
         raise InputError(redact(str(exc), phi())) from None
     if out["notes"]:
         out["notes"] = redact(out["notes"], phi())
@@ -261,6 +266,29 @@ def _ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir:
             "source": head["source"], "notes": "; ".join(n for n in notes if n)}
 
 
+def scan_key(batch_plan_path: str, cfg_json: str, scan_id: str) -> str:
+    """What a scan's ingestion depends on (:mod:`hemocam.stamps`): its plan rows, the size and
+    mtime of each of its files, its label rows, the input and ingest settings, and the code,
+    libraries and dcm2niix binary that convert it."""
+    cfg = json.loads(cfg_json)
+    plan, labels, _ = _context(batch_plan_path, cfg_json)
+    rows = _scan_rows(batch_plan_path, cfg_json).get(scan_id, plan.iloc[:0])
+    files = [p for col in ("path", "image", "mask") for p in rows[col].unique() if p]
+    if labels is None:
+        own = None
+    elif cfg["input"]["format"] == "rsna":
+        own = labels.reindex(sop_key(rows.loc[rows["sop_uid"] != "", "sop_uid"]).unique()).to_csv()
+    else:
+        own = labels[labels["scan_id"] == scan_id].to_csv(index=False)
+    return digest({
+        "rows": rows.to_csv(index=False), "files": [(p, file_sig(p)) for p in files], "labels": own,
+        "input": cfg["input"], "ingest": {k: v for k, v in cfg.get("ingest", {}).items() if k != "index_threads"},
+        "code": source_digest("hemocam.ingest", "hemocam.io", "hemocam.labelset"),
+        "libraries": library_versions("dcm2niix", "nibabel", "numpy", "pandas", "pydicom"),
+        "dcm2niix": file_sig(find_dcm2niix()),
+    })
+
+
 def refresh_changed(files: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Re-read the headers of files whose size or mtime changed since planning.
 
@@ -310,15 +338,18 @@ def ingest_batch(batch_plan_path, cfg: dict, results_dir, manifest_out, threads:
     # DICOM series: one dcm2niix call per chunk of the batch instead of one per series. Worker
     # processes cannot share the chunk order, so with processes the batch is converted up front
     # when it is one chunk, else each series on its own as before.
-    batch = BatchConversion(_scan_rows(batch_plan_path, cfg_json), scan_ids, cfg)
+    stamps = Stamps(Path(results_dir) / "ingest" / "stamps", partial(scan_key, batch_plan_path, cfg_json),
+                    lambda sid: output_paths(results_dir, sid).values())
+    todo = [sid for sid in scan_ids if stamps.kept(sid) is None]
+    batch = BatchConversion(_scan_rows(batch_plan_path, cfg_json), todo, cfg)
     key = None
-    if processes == 1 or (len(scan_ids) > 1 and batch.convert_all()):
+    if processes == 1 or (len(todo) > 1 and batch.convert_all()):
         key = f"{os.getpid()}-{next(_KEYS)}"
         _CONVERSIONS[key] = batch
     fn = partial(ingest_scan, batch_plan_path=batch_plan_path, cfg_json=cfg_json, results_dir=str(results_dir),
                  conversion=key)
     try:
-        df = run_batch("ingest", scan_ids, fn, manifest_out, processes=processes)
+        df = run_batch("ingest", scan_ids, fn, manifest_out, processes=processes, stamps=stamps)
     finally:
         _CONVERSIONS.pop(key, None)
         batch.close()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -553,7 +554,11 @@ def relative_to_workdir(table: pd.DataFrame, workdir=None) -> pd.DataFrame:
     return out
 
 
-def write_batch_plans(plan: Plan, batches: dict, folder, conversion: dict | None = None) -> list[str]:
+PREVIEW_FOLDER = "dryrun"  # under the plans' folder: a dry run's plans
+
+
+def write_batch_plans(plan: Plan, batches: dict, folder, conversion: dict | None = None,
+                      dry_run: bool = False) -> list[str]:
     """Write ``folder/{batch}.tsv`` for every batch; a file is rewritten only if its content
     changed, so Snakemake does not rerun unchanged batches. Returns the batches rewritten.
 
@@ -566,9 +571,17 @@ def write_batch_plans(plan: Plan, batches: dict, folder, conversion: dict | None
     skips even rendering an unchanged batch, so this stays cheap at every workflow parse.
     Paths under the working directory are written relative to it (:func:`relative_to_workdir`);
     a plan written before that, with the same files under absolute paths, is kept as it is.
+
+    ``dry_run``: the plans that would be written go to ``folder/dryrun`` instead, and the rest
+    of ``folder`` is left as it is. A dry run then lists the jobs the change reruns (their plan
+    is another, newer file) without touching what the real run compares against: previewing a
+    setting and going back to the old one reruns nothing. Returns the batches written there.
+    Any call removes the previews of an earlier dry run.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    preview = folder / PREVIEW_FOLDER
+    shutil.rmtree(preview, ignore_errors=True)  # an earlier dry run's, stale now
     digest_path = folder / ".digests.json"
     try:
         digests = json.loads(digest_path.read_text())
@@ -597,15 +610,25 @@ def write_batch_plans(plan: Plan, batches: dict, folder, conversion: dict | None
             same = old == content or old == _render(table)  # written before paths were relative
         except OSError:
             same = False
+        if not same and dry_run:
+            preview.mkdir(parents=True, exist_ok=True)
+            with atomic_path(preview / path.name) as tmp:
+                tmp.write_bytes(content)
+            written.append(name)
+            if name in digests:
+                new_digests[name] = digests[name]
+            continue
         if not same:
             with atomic_path(path) as tmp:
                 tmp.write_bytes(content)
             written.append(name)
         st = _stat_sig(path)
         new_digests[name] = [digest, st[1], st[2]]
-    if new_digests != digests:
+    if new_digests != digests and not dry_run:
         write_json(new_digests, digest_path)
-    if written:
+    if written and dry_run:
+        log.info("plan: dry run: %d batch plan(s) would change (previewed in %s)", len(written), preview)
+    elif written:
         log.info("plan: %d batch plan(s) written (%d unchanged)", len(written), len(batches) - len(written))
     return written
 

@@ -197,6 +197,11 @@ BATCH_PREFIX = {"cpu": "c", "gpu": "g", "classify": "k"}
 BATCH_KIND = {prefix: kind for kind, prefix in BATCH_PREFIX.items()}
 
 
+# a dry run changes no batch plan: those that would change are read from their preview
+DRY_RUN = bool(workflow.output_settings.dryrun)
+PREVIEWED_PLANS = set()
+
+
 @functools.cache
 def _batches(kind):
     plan = scan_plan()
@@ -212,13 +217,27 @@ def _batches(kind):
         from hemocam.ingest import write_batch_plans
         from hemocam.ingest.hu import changed_conversion_settings
 
-        write_batch_plans(
+        changed = write_batch_plans(
             plan,
             out,
             f"{R}/ingest/plan",
             conversion=changed_conversion_settings(config),
+            dry_run=DRY_RUN,
         )
+        if DRY_RUN:
+            PREVIEWED_PLANS.update(changed)
     return out
+
+
+def batch_plan(wildcards):
+    """Input function: the batch's plan (its preview in a dry run that would change it)."""
+    from hemocam.ingest.plan import PREVIEW_FOLDER
+
+    batches("cpu")
+    folder = f"{R}/ingest/plan"
+    if wildcards.batch in PREVIEWED_PLANS:
+        folder = f"{folder}/{PREVIEW_FOLDER}"
+    return f"{folder}/{wildcards.batch}.tsv"
 
 
 def batches(kind):

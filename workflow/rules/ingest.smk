@@ -31,7 +31,7 @@ if demo_active():
 
 rule ingest_batch:
     input:
-        plan=f"{R}/ingest/plan/{{batch}}.tsv",
+        plan=batch_plan,
         labels=label_inputs(),
     output:
         manifest=f"{R}/ingest/batches/{{batch}}.tsv",
