@@ -68,11 +68,12 @@ def in_process(workdir: Path, cfg_path: Path) -> dict:
     hi.write_batch_plans(plan, {"c9999": ids}, Path("results/ingest/plan"))
     out = {"scans": len(ids)}
     t, c = time.perf_counter(), bl.cpu_now()
-    hi.ingest_batch(Path("results/ingest/plan/c9999.tsv"), cfg, Path("results"), Path("bench-ingest.tsv"), threads=1)
+    hi.ingest_batch(Path("results/ingest/plan/c9999.tsv"), cfg, Path("results"), Path("results/ingest/batches/c9999.tsv"),
+                    threads=1)
     out["ingest"] = {"wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(bl.cpu_now() - c, 3)}
     t, c = time.perf_counter(), bl.cpu_now()
     preprocess_batch(ids, Path("results"), cfg["preprocess"]["windows"], cfg["preprocess"]["size"],
-                     Path("bench-preprocess.tsv"))
+                     Path("results/preprocess/batches/c9999.tsv"))
     out["preprocess"] = {"wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(bl.cpu_now() - c, 3)}
     return out
 

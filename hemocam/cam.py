@@ -59,6 +59,7 @@ from hemocam.io import InputError, save_nifti
 from hemocam.labelset import SUBTYPES
 from hemocam.models.resnet_lstm import load_bundle, members
 from hemocam.preprocess import cache_paths, load_cache, to_original_grid
+from hemocam.stamps import MODEL_LIBRARIES, file_sig, file_stamps, stamps_folder
 from hemocam.train import amp_dtype, autocast, select_device
 
 log = logging.getLogger("hemocam")
@@ -381,6 +382,10 @@ def cam_batch(bundle_path, scan_ids, results_dir, cfg_cam: dict | None, manifest
     find_layer(members(model)[0], c["layer"])  # a wrong layer name fails the job once, not every scan
     t0 = time.time()
     fn = functools.partial(cam_scan, model=model, meta_b=meta_b, results_dir=results_dir, cfg_cam=c, device=dev)
-    df = run_batch("cam", list(scan_ids), fn, manifest_out, upstream=upstream)
+    subtypes = [None] + ([s for s in SUBTYPES if s in meta_b["labels"]] if c["per_subtype"] else [])
+    stamps = file_stamps(stamps_folder(manifest_out), lambda sid: cache_paths(results_dir, sid),
+                         lambda sid: [cam_path(results_dir, sid, s) for s in subtypes],
+                         {"bundle": file_sig(bundle_path), "cam": c, "device": dev.type}, libraries=MODEL_LIBRARIES)
+    df = run_batch("cam", list(scan_ids), fn, manifest_out, upstream=upstream, stamps=stamps)
     log.info("cam: %d scans in %.1fs on %s", len(scan_ids), time.time() - t0, dev)
     return df

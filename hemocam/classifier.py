@@ -34,6 +34,7 @@ from hemocam.labelset import LABELS
 from hemocam.models.resnet_lstm import ResNetLSTM, ResNetLSTMEnsemble, load_bundle, members, save_bundle
 from hemocam.preprocess import cache_paths, load_cache
 from hemocam.settings import CLASSIFIER_EVALUATION_KEYS
+from hemocam.stamps import MODEL_LIBRARIES, file_sig, file_stamps, stamps_folder
 from hemocam.train import EpochSampler, amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device
 
 log = logging.getLogger("hemocam")
@@ -585,4 +586,9 @@ def predict_batch(bundle_path, scan_ids, results_dir, manifest_out, upstream=(),
     model, meta = load_bundle(bundle_path, device)
     tta = meta.get("tta", True) if tta is None else tta
     fn = functools.partial(classify_scan, model=model, meta=meta, results_dir=results_dir, device=device, tta=tta)
-    return run_batch("classify", list(scan_ids), fn, manifest_out, upstream=upstream)
+    R = Path(results_dir)
+    stamps = file_stamps(stamps_folder(manifest_out), lambda sid: cache_paths(R, sid),
+                         lambda sid: [R / "classifier" / "slices" / f"{sid}.tsv"],
+                         {"bundle": file_sig(bundle_path), "tta": bool(tta), "device": device.type},
+                         libraries=MODEL_LIBRARIES)
+    return run_batch("classify", list(scan_ids), fn, manifest_out, upstream=upstream, stamps=stamps)

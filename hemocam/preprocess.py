@@ -225,30 +225,18 @@ def preprocess_batch(scan_ids, results_dir, windows, size, manifest_out, upstrea
 
     from hemocam.batch import run_batch
 
-    from hemocam.stamps import Stamps
+    from hemocam.stamps import file_stamps, stamps_folder
 
     windows, r = [dict(w) for w in windows], Path(results_dir)
     fn = functools.partial(preprocess_one, results_dir=str(r), windows=windows, size=int(size),
                            skull_strip=bool(skull_strip))
-    key = functools.partial(scan_key, results_dir=str(r), windows=windows, size=int(size), skull_strip=bool(skull_strip))
-    stamps = Stamps(r / "preprocess" / "stamps", key,
-                    lambda sid: [r / "brainmask" / f"{sid}.nii.gz", *cache_paths(r, sid)])
+    stamps = file_stamps(stamps_folder(manifest_out), lambda sid: [r / "nifti" / f"{sid}.nii.gz"],
+                         lambda sid: [r / "brainmask" / f"{sid}.nii.gz", *cache_paths(r, sid)],
+                         {"windows": windows, "size": int(size), "skull_strip": bool(skull_strip)},
+                         ("hemocam.preprocess", "hemocam.brainmask", "hemocam.windows", "hemocam.resize", "hemocam.io"),
+                         ("nibabel", "numpy", "scikit-image", "scipy"))
     return run_batch("preprocess", list(scan_ids), fn, manifest_out, upstream=upstream, processes=processes,
                      stamps=stamps)
-
-
-def scan_key(scan_id, results_dir, windows, size, skull_strip) -> str:
-    """What a scan's preprocessing depends on (:mod:`hemocam.stamps`): its NIfTI's size and
-    mtime, the settings, and the code and libraries that preprocess it."""
-    from hemocam.stamps import digest, file_sig, library_versions, source_digest
-
-    return digest({
-        "nifti": file_sig(Path(results_dir) / "nifti" / f"{scan_id}.nii.gz"), "windows": windows, "size": size,
-        "skull_strip": skull_strip,
-        "code": source_digest("hemocam.preprocess", "hemocam.brainmask", "hemocam.windows", "hemocam.resize",
-                              "hemocam.io"),
-        "libraries": library_versions("nibabel", "numpy", "scikit-image", "scipy"),
-    })
 
 
 def load_cache(cache_path, meta_path=None, mmap: bool = True) -> tuple[np.ndarray, dict]:

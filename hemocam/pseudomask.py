@@ -46,6 +46,7 @@ from scipy import ndimage
 from hemocam.batch import run_batch
 from hemocam.io import InputError, load_nifti, read_tsv, save_nifti
 from hemocam.metrics import remove_small_components
+from hemocam.stamps import MODEL_LIBRARIES, file_stamps, stamps_folder
 
 log = logging.getLogger("hemocam")
 
@@ -148,15 +149,16 @@ def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None
     return keep
 
 
+def slice_gate_path(scan_id: str, results_dir, labelled: bool) -> Path:
+    """The slice labels, or without them the classifier's slice probabilities."""
+    R = Path(results_dir)
+    return R / "labels" / f"{scan_id}.tsv" if labelled else R / "classifier" / "slices" / f"{scan_id}.tsv"
+
+
 def positive_slices(scan_id: str, results_dir, n_slices: int, labelled: bool, prob_threshold: float) -> np.ndarray:
     """Indices of slices with hemorrhage: from slice labels, or from classifier probabilities."""
-    R = Path(results_dir)
-    if labelled:
-        path = R / "labels" / f"{scan_id}.tsv"
-        col, thr = "any", 0.5
-    else:
-        path = R / "classifier" / "slices" / f"{scan_id}.tsv"
-        col, thr = "any", float(prob_threshold)
+    path = slice_gate_path(scan_id, results_dir, labelled)
+    col, thr = "any", 0.5 if labelled else float(prob_threshold)
     if not path.exists():
         raise InputError(f"{path}: missing ({'slice labels' if labelled else 'slice probabilities'})")
     df = read_tsv(path)
@@ -189,5 +191,13 @@ def pseudomask_scan(scan_id: str, results_dir, cfg_pm: dict | None, labelled: bo
 
 def pseudomask_batch(scan_ids, results_dir, cfg_pm: dict | None, labelled: bool, manifest_out, upstream=(), processes: int = 1):
     """Pseudo-masks for a batch of scans; one manifest row per scan."""
-    fn = functools.partial(pseudomask_scan, results_dir=str(results_dir), cfg_pm=dict(cfg_pm or {}), labelled=bool(labelled))
-    return run_batch("pseudomask", list(scan_ids), fn, manifest_out, upstream=upstream, processes=processes)
+    R, cfg = Path(results_dir), _cfg(cfg_pm)
+    fn = functools.partial(pseudomask_scan, results_dir=str(R), cfg_pm=dict(cfg_pm or {}), labelled=bool(labelled))
+    stamps = file_stamps(
+        stamps_folder(manifest_out),
+        lambda sid: [R / "nifti" / f"{sid}.nii.gz", R / "cam" / f"{sid}.nii.gz", R / "brainmask" / f"{sid}.nii.gz",
+                     slice_gate_path(sid, R, labelled)],
+        lambda sid: [R / "pseudomask" / f"{sid}.nii.gz"], {"pseudomask": cfg, "labelled": bool(labelled)},
+        libraries=MODEL_LIBRARIES)
+    return run_batch("pseudomask", list(scan_ids), fn, manifest_out, upstream=upstream, processes=processes,
+                     stamps=stamps)

@@ -35,8 +35,9 @@ from hemocam.io import InputError, atomic_path, load_nifti, read_tsv, save_nifti
 from hemocam.metrics import remove_small_components
 from hemocam.models.unet import UNet, in_channels_for
 from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
-from hemocam.pseudomask import positive_slices
+from hemocam.pseudomask import positive_slices, slice_gate_path
 from hemocam.settings import SEGMENTER_OUTPUT_KEYS, SELF_TRAINING_TARGET, segmenter_training
+from hemocam.stamps import MODEL_LIBRARIES, file_sig, file_stamps, stamps_folder
 from hemocam.train import amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device, EpochSampler
 
 log = logging.getLogger("hemocam")
@@ -498,7 +499,23 @@ def segment_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, ups
     model, meta_b, dev = load_segmenter(bundle_path, device)
     fn = functools.partial(segment_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b, device=dev,
                            output=output)
-    return run_batch("segment", list(scan_ids), fn, manifest_out, upstream=upstream)
+    out = Path(out_dir)
+    stamps = _stamps(bundle_path, results_dir, manifest_out, dev, {"output": output_config(output)},
+                     lambda sid: [out / f"{sid}.nii.gz", out / f"{sid}_prob.nii.gz"])
+    return run_batch("segment", list(scan_ids), fn, manifest_out, upstream=upstream, stamps=stamps)
+
+
+def _stamps(bundle_path, results_dir, manifest_out, dev, settings: dict, outputs_of, gate=None):
+    """What a segmenter's per-scan output depends on (:mod:`hemocam.stamps`): the bundle, the
+    scan's cache, CT and brain mask (and slice gate), the output settings and the device."""
+    R = Path(results_dir)
+
+    def inputs_of(sid):
+        return [*cache_paths(R, sid), R / "nifti" / f"{sid}.nii.gz", R / "brainmask" / f"{sid}.nii.gz",
+                *([gate(sid)] if gate else [])]
+
+    return file_stamps(stamps_folder(manifest_out), inputs_of, outputs_of,
+                       {"bundle": file_sig(bundle_path), "device": dev.type, **settings}, libraries=MODEL_LIBRARIES)
 
 
 # ----------------------------------------------------------------------------- self-training
@@ -522,4 +539,8 @@ def self_training_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_ou
     model, meta_b, dev = load_segmenter(bundle_path, device)
     fn = functools.partial(self_training_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b,
                            device=dev, output=output, labelled=labelled, prob_threshold=prob_threshold)
-    return run_batch("self_training", list(scan_ids), fn, manifest_out, upstream=upstream)
+    out = Path(out_dir)
+    stamps = _stamps(bundle_path, results_dir, manifest_out, dev,
+                     {"output": output_config(output), "labelled": bool(labelled), "prob_threshold": float(prob_threshold)},
+                     lambda sid: [out / f"{sid}.nii.gz"], gate=lambda sid: slice_gate_path(sid, results_dir, labelled))
+    return run_batch("self_training", list(scan_ids), fn, manifest_out, upstream=upstream, stamps=stamps)

@@ -124,3 +124,27 @@ class Stamps:
         # the row as pairs: its column order is the manifest's
         write_json({"version": STAMP_VERSION, "key": self.key(scan_id), "row": list(row.items()),
                     "outputs": {k: v for k, v in outputs.items() if v is not None}}, path)
+
+
+def stamps_folder(manifest_out) -> Path:
+    """A stage's stamps: ``stamps/`` beside its ``batches/`` folder of manifests (the workflow's
+    layout), else beside the manifest."""
+    folder = Path(manifest_out).parent
+    return (folder.parent if folder.name == "batches" else folder) / "stamps"
+
+
+def file_stamps(folder, inputs_of: Callable[[str], list], outputs_of: Callable[[str], list], settings: dict,
+                modules: tuple = ("hemocam",), libraries: tuple = ()) -> Stamps:
+    """Stamps keyed on the scan's input files (size and mtime), the stage's settings, the source
+    of ``modules`` (the whole package by default) and the ``libraries``' versions."""
+    fixed = {"settings": settings, "code": source_digest(*modules), "libraries": library_versions(*libraries)}
+
+    def key_of(scan_id):
+        return digest({**fixed, "inputs": [(_name(p), file_sig(p)) for p in inputs_of(scan_id)]})
+
+    return Stamps(folder, key_of, outputs_of)
+
+
+# what the model stages' outputs depend on besides hemocam itself
+MODEL_LIBRARIES = ("nibabel", "numpy", "scikit-image", "scipy", "torch", "torchvision")
+

@@ -99,3 +99,42 @@ def test_missing_bundle_is_refused_naming_the_key(new_cohort, tmp_path):
     out = run_snakemake(tmp_path / "wd", "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
     assert out.returncode != 0
     assert "model.classifier: no bundle at nowhere/model.pt" in out.stdout + out.stderr
+
+
+def test_a_grown_export_segments_only_its_new_exam(demo_run, tmp_path):
+    # the same bundles, an export that gains an exam: only that exam goes through the stages
+    import re
+    import shutil
+    import time
+
+    from badinput import series_files
+
+    gen = tmp_path / "gen"
+    generate_cohort(gen, n_scans=3, matrix=48, n_slices=16, seed=78, quirks=False)
+    series = series_files(gen / "dicom")
+    new = series[sorted(series)[1]]
+    export = tmp_path / "export"
+    shutil.copytree(gen / "dicom", export, ignore=shutil.ignore_patterns(*[p.name for p in new]))
+    overlay = _overlay(tmp_path / "grow.yaml", export, demo_run)
+    wd = tmp_path / "run"
+    run_snakemake(wd, configfiles=(CPU_SMALL, TINY, overlay))
+    r = wd / "results"
+    stages = {"classifier": "classifier/slices", "cam": "cam", "segmentation": "segmentation"}
+    before = {p: p.stat().st_mtime_ns for sub in stages.values() for p in (r / sub).glob("ID_*")}
+    assert len(before) == 2 + 2 + 4
+
+    for p in new:
+        shutil.copy2(p, export / p.name)
+    started = time.time_ns()
+    run_snakemake(wd, configfiles=(CPU_SMALL, TINY, overlay))
+    assert {p: p.stat().st_mtime_ns for p in before} == before, "an earlier exam went through a stage again"
+    for stage in stages:
+        manifests = [p for p in (r / stage / "batches").glob("*.tsv") if p.stat().st_mtime_ns > started]
+        rows = sum(len(pd.read_csv(p, sep="\t")) for p in manifests)
+        logs = "".join(p.read_text() for p in (wd / "logs").rglob("*.log") if p.stat().st_mtime_ns > started)
+        step = {"classifier": "classify", "cam": "cam", "segmentation": "segment"}[stage]
+        kept = sum(int(n) for n in re.findall(rf"\b{step}: (\d+) of \d+ scan\(s\) kept", logs))
+        assert manifests and kept == rows - 1, (stage, rows, kept)
+    scans = pd.read_csv(r / "scans.tsv", sep="\t", dtype=str)
+    assert (scans["status"] == "ok").sum() == 3
+    assert len(list((r / "segmentation").glob("ID_*_prob.nii.gz"))) == 3

@@ -580,6 +580,35 @@ def test_assign_splits_minimums_and_fixed():
     assert s3[0] == "test" and s3[1] == "test"
 
 
+def test_a_grown_cohort_keeps_its_recorded_splits():
+    from hemocam.ingest.plan import keep_recorded_splits, split_settings
+
+    fr = {"train": 0.6, "val": 0.2, "test": 0.2}
+    keys = pd.Series([f"g{i // 2}" for i in range(40)])
+    first = assign_splits(keys, fr, seed=1)
+    # 20 more patients, and a follow-up exam of a known one (g3)
+    grown_keys = pd.Series(list(keys) + [f"n{i}" for i in range(20)] + ["g3"])
+    fresh = assign_splits(grown_keys, fr, seed=1)
+    assert not fresh[:40].equals(first), "a fresh draw on the grown cohort moves earlier scans"
+    kept = pd.Series(list(first) + [""] * 21)
+    grown = assign_splits(grown_keys, fr, seed=1, kept=kept)
+    assert grown[:40].equals(first) and grown.iloc[-1] == first[6]
+    per_group = grown.groupby(grown_keys).first().value_counts().to_dict()
+    assert per_group == {"train": 24, "val": 8, "test": 8}  # 40 patients: the fractions of the whole cohort
+    assert assign_splits(keys, fr, seed=1, kept=pd.Series([""] * 40)).equals(first)
+
+    # through the record of results/scans.tsv: kept only under the settings that made it
+    cfg = {"split": fr, "seed": 1}
+    scans = pd.DataFrame({"scan_id": [f"s{i}" for i in range(61)], "status": "ok", "split": list(fresh)})
+    groups = pd.DataFrame({"group_key": grown_keys, "given_split": ""})
+    record = {"settings": split_settings(cfg), "splits": {f"s{i}": first[i] for i in range(40)}}
+    assert list(keep_recorded_splits(scans, groups, record, cfg)["split"]) == list(grown)
+    assert keep_recorded_splits(scans, groups, record, {**cfg, "seed": 2}) is scans
+    assert keep_recorded_splits(scans, groups, None, cfg) is scans
+    given = groups.assign(given_split=["val"] + [""] * 60)  # a split the sample sheet gives wins
+    assert keep_recorded_splits(scans, given, record, cfg)["split"][0] == "val"
+
+
 def test_plan_is_cached_and_batches_rewritten_only_on_change(tmp_path, monkeypatch):
     rows = write_series(tmp_path / "dicom", n=6)
     cfg = cfg_for(tmp_path / "dicom", fmt="dicom")

@@ -263,10 +263,11 @@ def _tensors(path):
 
 
 def _outputs(results):
+    # per-scan stamps (results/<stage>/stamps/) hold the modification times of this run's files
     return {
         str(p.relative_to(results)): _digest(p)
         for p in sorted(results.rglob("*"))
-        if p.is_file() and not str(p.relative_to(results)).startswith(RUN_SPECIFIC)
+        if p.is_file() and not str(p.relative_to(results)).startswith(RUN_SPECIFIC) and p.parent.name != "stamps"
     }
 
 

@@ -101,15 +101,18 @@ def test_a_grown_cohort_converts_only_its_new_exam(tmp_path):
     grown = tmp_path / "grown"
     shutil.copytree(full, grown, ignore=shutil.ignore_patterns(*[p.name for p in series[new_uid]]))
     run = tmp_path / "run"
-    snakemake(run, rsna_config(grown), "preprocess")
+    snakemake(run, rsna_config(grown), "preprocess", "results/scans.tsv")
     r = run / "results"
+    splits = pd.read_csv(r / "scans.tsv", sep="\t", dtype=str).set_index("scan_id")["split"]
     before = {p: p.stat().st_mtime_ns for sub in ("nifti", "labels", "brainmask", "cache") for p in (r / sub).iterdir()}
     assert len(list((r / "nifti").iterdir())) == 4
 
     for p in series[new_uid]:
         shutil.copy2(p, grown / "dicom" / p.name)
     started = time.time_ns()
-    proc = snakemake(run, rsna_config(grown), "preprocess")
+    proc = snakemake(run, rsna_config(grown), "preprocess", "results/scans.tsv")
+    grown_splits = pd.read_csv(r / "scans.tsv", sep="\t", dtype=str).set_index("scan_id")["split"]
+    assert len(grown_splits) == 5 and grown_splits[splits.index].equals(splits)  # the earlier exams keep theirs
     for stage in ("ingest", "preprocess"):
         # the batches that reran (the batch gaining the exam, and those re-cut) did one scan
         logs = [p.read_text() for p in (run / "logs" / stage).glob("*.log") if p.stat().st_mtime_ns > started]
@@ -122,7 +125,7 @@ def test_a_grown_cohort_converts_only_its_new_exam(tmp_path):
     assert len(list((r / "nifti").iterdir())) == 5, proc.out[-3000:]
 
     fresh = tmp_path / "fresh"
-    snakemake(fresh, rsna_config(grown), "preprocess")
+    snakemake(fresh, rsna_config(grown), "preprocess")  # a fresh project on the grown cohort
     patterns = ("nifti/*", "labels/*", "masks/*", "brainmask/*", "cache/*")
     assert checksums(r, patterns) == checksums(fresh / "results", patterns)
     for stage in ("ingest", "preprocess"):

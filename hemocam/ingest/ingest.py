@@ -28,7 +28,7 @@ from hemocam.ingest.nifti import convert_nifti
 from hemocam.ingest.phi import redact
 from hemocam.ingest.plan import read_batch_plan
 from hemocam.io import InputError, save_nifti, write_tsv
-from hemocam.stamps import Stamps, digest, file_sig, library_versions, source_digest
+from hemocam.stamps import Stamps, digest, file_sig, library_versions, source_digest, stamps_folder
 
 log = logging.getLogger("hemocam")
 
@@ -338,7 +338,7 @@ def ingest_batch(batch_plan_path, cfg: dict, results_dir, manifest_out, threads:
     # DICOM series: one dcm2niix call per chunk of the batch instead of one per series. Worker
     # processes cannot share the chunk order, so with processes the batch is converted up front
     # when it is one chunk, else each series on its own as before.
-    stamps = Stamps(Path(results_dir) / "ingest" / "stamps", partial(scan_key, batch_plan_path, cfg_json),
+    stamps = Stamps(stamps_folder(manifest_out), partial(scan_key, batch_plan_path, cfg_json),
                     lambda sid: output_paths(results_dir, sid).values())
     todo = [sid for sid in scan_ids if stamps.kept(sid) is None]
     batch = BatchConversion(_scan_rows(batch_plan_path, cfg_json), todo, cfg)

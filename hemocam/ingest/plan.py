@@ -173,28 +173,35 @@ def _group_order(keys, seed) -> list:
     return sorted(keys, key=lambda k: (hashlib.sha256(f"hemocam-split:{seed}:{k}".encode()).hexdigest(), k))
 
 
-def assign_splits(group_keys: pd.Series, fractions: dict, seed: int, fixed: pd.Series | None = None) -> pd.Series:
+def assign_splits(group_keys: pd.Series, fractions: dict, seed: int, fixed: pd.Series | None = None,
+                  kept: pd.Series | None = None) -> pd.Series:
     """Deterministic patient-grouped split of scans (``group_keys`` aligned with the scans).
 
     Groups are ordered by a seeded hash of their key and cut by the fractions (counted in
     groups); with >= 3 groups every split with a non-zero fraction gets at least one group.
     ``fixed``: splits given by the user (kept; their groups are taken out of the draw).
+    ``kept``: splits recorded for scans of an earlier, smaller cohort (a grown cohort): their
+    groups keep them, and the new groups fill each split up to its count for the whole cohort.
     """
     out = pd.Series("", index=group_keys.index, dtype=object)
     if fixed is not None:
         given = fixed.fillna("").astype(str)
         out[given != ""] = given[given != ""]
-    free = group_keys[out == ""]
     fixed_groups = set(group_keys[out != ""])
-    keys = [k for k in pd.unique(free) if k not in fixed_groups]
     # a group partly fixed by the user follows the user's split for the rest of its scans
-    for k in set(pd.unique(free)) & fixed_groups:
+    for k in set(pd.unique(group_keys[out == ""])) & fixed_groups:
         out[(group_keys == k) & (out == "")] = out[(group_keys == k) & (out != "")].iloc[0]
+    held = {}  # group -> its recorded split
+    if kept is not None:
+        rec = kept.fillna("").astype(str)
+        for k, split in zip(group_keys[(out == "") & (rec != "")], rec[(out == "") & (rec != "")]):
+            held.setdefault(k, split)
+    keys = [k for k in pd.unique(group_keys[out == ""]) if k not in held]
     f = np.array([max(0.0, float(fractions.get(s, 0) or 0)) for s in SPLITS])
     if f.sum() <= 0:
         f = np.array([1.0, 0.0, 0.0])
     f = f / f.sum()
-    n = len(keys)
+    n = len(keys) + len(held)
     n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
     if n >= 3:
         n_val = max(n_val, 1) if f[1] > 0 else 0
@@ -204,8 +211,12 @@ def assign_splits(group_keys: pd.Series, fractions: dict, seed: int, fixed: pd.S
             n_val -= 1
         else:
             n_test -= 1
+    held_n = pd.Series(list(held.values()), dtype=object).value_counts()
+    n_test = max(0, n_test - int(held_n.get("test", 0)))
+    n_val = max(0, n_val - int(held_n.get("val", 0)))
     order = _group_order(keys, seed)
-    which = {k: "test" for k in order[:n_test]}
+    which = dict(held)
+    which.update({k: "test" for k in order[:n_test]})
     which.update({k: "val" for k in order[n_test:n_test + n_val]})
     which.update({k: "train" for k in order[n_test + n_val:]})
     todo = out == ""
@@ -466,7 +477,8 @@ def plan_cohort(cfg: dict, cache_dir) -> Plan:
     if cached is not None and index_cache and not Path(index_cache).exists() and cached[1]:
         cached = None  # Plan.files needs the index
     if cached is not None:
-        scans, series = cached
+        scans, series, groups = cached
+        scans = keep_recorded_splits(scans, groups, read_split_record(cache_dir), cfg)
         return Plan(scans=scans, signature=sig, _series=series, _index_cache=index_cache)
     scans, series, idx = build()
     fractions = {s: float(_cfg(cfg, "split", s, default=0) or 0) for s in SPLITS}
@@ -484,9 +496,12 @@ def plan_cohort(cfg: dict, cache_dir) -> Plan:
     for c in ("reason", "notes", "image", "mask", "source", "split"):
         scans[c] = scans[c].fillna("").astype(str)
     out = scans[SCAN_COLUMNS].copy()
-    _save_plan(meta_path, scans_path, sig, out, series, tree.meta())
+    groups = pd.DataFrame({"group_key": scans["group_key"].fillna("").astype(str),
+                           "given_split": scans.get("given_split", pd.Series("", index=scans.index)).fillna("").astype(str)})
+    _save_plan(meta_path, scans_path, sig, out, series, tree.meta(), groups)
     n_ok = int((out["status"] == "ok").sum())
     log.info("plan: %d candidate scans, %d ok, %d rejected from headers", len(out), n_ok, len(out) - n_ok)
+    out = keep_recorded_splits(out, groups, read_split_record(cache_dir), cfg)
     return Plan(scans=out, signature=sig, _series=series, _index_cache=index_cache, _index=idx)
 
 
@@ -497,6 +512,9 @@ def _load_plan(meta, scans_path, sig):
         scans = read_tsv(scans_path, dtype=str)
     except (OSError, ValueError):
         return None
+    if not {"group_key", "given_split"} <= set(scans):  # written before splits were kept
+        return None
+    groups = pd.DataFrame({c: scans.pop(c).fillna("").astype(str) for c in ("group_key", "given_split")})
     series = dict(zip(scans.pop("series_uid").fillna(""), scans["scan_id"])) if "series_uid" in scans else {}
     series = {sid: uid for uid, sid in series.items() if uid}
     scans = scans.reindex(columns=SCAN_COLUMNS)
@@ -504,16 +522,60 @@ def _load_plan(meta, scans_path, sig):
         scans[c] = scans[c].fillna("").astype(str)
     scans["n_files"] = scans["n_files"].astype(int)
     scans["patient_group"] = scans["patient_group"].astype(int)
-    return scans, series
+    return scans, series, groups
 
 
-def _save_plan(meta_path, scans_path, sig, scans, series, tree_meta):
+def _save_plan(meta_path, scans_path, sig, scans, series, tree_meta, groups):
     table = scans.copy()
     table["series_uid"] = [series.get(sid, "") for sid in table["scan_id"]]
+    for c in groups:
+        table[c] = groups[c].to_numpy()
     with atomic_path(scans_path) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     # written last: a plan.json naming this signature means plan.tsv is complete
     write_json({"signature": sig, "version": PLAN_VERSION, **tree_meta}, meta_path)
+
+
+# ----------------------------------------------------------------------------- kept splits
+SPLIT_RECORD = "splits.json"  # in the plan cache: the splits results/scans.tsv holds, and their settings
+
+
+def split_settings(cfg) -> dict:
+    return {"split": {s: float(_cfg(cfg, "split", s, default=0) or 0) for s in SPLITS},
+            "seed": int(_cfg(cfg, "seed", default=0))}
+
+
+def read_split_record(cache_dir) -> dict | None:
+    try:
+        return json.loads((Path(cache_dir) / SPLIT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_split_record(cache_dir, cfg, table: pd.DataFrame):
+    """Record the splits of ``results/scans.tsv`` (its ok scans) with the settings that made them."""
+    ok = table[table["status"] == "ok"]
+    write_json({"settings": split_settings(cfg), "splits": dict(zip(ok["scan_id"], ok["split"]))},
+               Path(cache_dir) / SPLIT_RECORD)
+
+
+def keep_recorded_splits(scans: pd.DataFrame, groups: pd.DataFrame, record: dict | None, cfg) -> pd.DataFrame:
+    """A grown cohort keeps the splits its scans had (``record``, when made with these split
+    settings): the new scans' patient groups are drawn to fill each split up to its fraction of
+    the whole cohort, and a new scan of a known patient joins that patient's split. Without a
+    record, or with other settings, the plan's own draw stands (and ``_check_splits`` in the
+    workflow stops a run whose recorded splits it would change)."""
+    if not record or record.get("settings") != split_settings(cfg):
+        return scans
+    ok = (scans["status"] == "ok").to_numpy()
+    kept = scans["scan_id"].map(record.get("splits") or {}).fillna("").astype(str)
+    if (kept[ok] == scans.loc[ok, "split"]).all():
+        return scans  # the same cohort, or one whose new scans change no split
+    st = split_settings(cfg)
+    scans = scans.copy()
+    scans.loc[ok, "split"] = assign_splits(groups.loc[ok, "group_key"], st["split"], st["seed"],
+                                           fixed=groups.loc[ok, "given_split"], kept=kept[ok]).to_numpy()
+    return scans
 
 
 # ----------------------------------------------------------------------------- batches
