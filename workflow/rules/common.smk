@@ -121,7 +121,8 @@ def _check_splits():
     """Stop when results/scans.tsv holds other splits than the plan (split or seed changed).
 
     The splits reach scans.tsv through no job's inputs, so Snakemake would keep the old ones
-    and train on them while the provenance records the new settings.
+    and train on them while the provenance records the new settings. A grown cohort keeps its
+    recorded splits (hemocam.ingest.plan.keep_recorded_splits) and passes.
     """
     from hemocam.io import read_tsv
 
