@@ -75,5 +75,15 @@ def test_ge_tilted_series_and_philips_end_to_end(tmp_path, caplog):
     pdata = np.asanyarray(nib.load(str(res / "nifti" / f"{ph['scan_id']}.nii.gz")).dataobj)
     assert pdata.min() >= -1024 and pdata.max() < 3100
 
+    # the same scans cut into other batches, as a grown cohort re-cuts them: kept, not converted
+    done = {p: p.stat().st_mtime_ns for p in (res / "nifti").iterdir()}
+    write_batch_plans(plan, {"c0001": ok[:1], "c0002": ok[1:]}, res / "ingest" / "plan")
+    for b in ("c0001", "c0002"):
+        ingest_batch(res / "ingest" / "plan" / f"{b}.tsv", cfg, res, res / "ingest" / "batches" / f"{b}.tsv")
+    assert caplog.text.count("ingest: 1 of 1 scan(s) kept") == 2
+    assert {p: p.stat().st_mtime_ns for p in (res / "nifti").iterdir()} == done
+    rows = [line for b in ("c0001", "c0002") for line in (res / "ingest" / "batches" / f"{b}.tsv").read_text().splitlines()[1:]]
+    assert sorted(rows) == sorted((res / "ingest" / "batches" / "c0000.tsv").read_text().splitlines()[1:])
+
     assert_no_markers([res], PHI)
     assert not any(m in caplog.text for m in PHI)
