@@ -481,13 +481,12 @@ def plan_cohort(cfg: dict, cache_dir) -> Plan:
         scans = keep_recorded_splits(scans, groups, read_split_record(cache_dir), cfg)
         return Plan(scans=scans, signature=sig, _series=series, _index_cache=index_cache)
     scans, series, idx = build()
-    fractions = {s: float(_cfg(cfg, "split", s, default=0) or 0) for s in SPLITS}
+    st = split_settings(cfg)
     ok = scans["status"] == "ok"
     scans["split"] = ""
     if ok.any():
         fixed = scans.loc[ok, "given_split"] if "given_split" in scans else None
-        scans.loc[ok, "split"] = assign_splits(scans.loc[ok, "group_key"], fractions,
-                                               int(_cfg(cfg, "seed", default=0)), fixed=fixed)
+        scans.loc[ok, "split"] = assign_splits(scans.loc[ok, "group_key"], st["split"], st["seed"], fixed=fixed)
     if fmt == "samplesheet":
         keys = scans["group_key"]
         scans["patient_group"] = keys.rank(method="dense").astype(int) - 1 if len(keys) else keys
@@ -565,13 +564,13 @@ def keep_recorded_splits(scans: pd.DataFrame, groups: pd.DataFrame, record: dict
     the whole cohort, and a new scan of a known patient joins that patient's split. Without a
     record, or with other settings, the plan's own draw stands (and ``_check_splits`` in the
     workflow stops a run whose recorded splits it would change)."""
-    if not record or record.get("settings") != split_settings(cfg):
+    st = split_settings(cfg)
+    if not record or record.get("settings") != st:
         return scans
     ok = (scans["status"] == "ok").to_numpy()
     kept = scans["scan_id"].map(record.get("splits") or {}).fillna("").astype(str)
     if (kept[ok] == scans.loc[ok, "split"]).all():
         return scans  # the same cohort, or one whose new scans change no split
-    st = split_settings(cfg)
     scans = scans.copy()
     scans.loc[ok, "split"] = assign_splits(groups.loc[ok, "group_key"], st["split"], st["seed"],
                                            fixed=groups.loc[ok, "given_split"], kept=kept[ok]).to_numpy()
