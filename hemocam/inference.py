@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-KINDS = {"classifier": "resnet_lstm", "segmenter": "unet"}
+# the bundle kinds each model.<role> accepts (an ensemble, as the CPU preset trains, is a classifier)
+KINDS = {"classifier": ("resnet_lstm", "resnet_lstm_ensemble"), "segmenter": ("unet",)}
 
 
 class BundleMismatch(ValueError):
@@ -35,9 +36,9 @@ def bundle_settings(path, role: str) -> dict:
         bundle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise BundleMismatch(f"{key}: {path} is not a readable bundle ({type(exc).__name__}: {exc})") from None
-    if not isinstance(bundle, dict) or bundle.get("kind") != KINDS[role]:
+    if not isinstance(bundle, dict) or bundle.get("kind") not in KINDS[role]:
         kind = bundle.get("kind") if isinstance(bundle, dict) else type(bundle).__name__
-        raise BundleMismatch(f"{key}: {path} is a {kind!r} bundle, not a {role} ({KINDS[role]})")
+        raise BundleMismatch(f"{key}: {path} is a {kind!r} bundle, not a {role} ({' or '.join(KINDS[role])})")
     out = {"size": int(bundle["size"]), "windows": [dict(w) for w in bundle["windows"]]}
     if role == "classifier":
         out["labels"] = list(bundle["labels"])

@@ -138,3 +138,30 @@ def test_a_grown_export_segments_only_its_new_exam(demo_run, tmp_path):
     scans = pd.read_csv(r / "scans.tsv", sep="\t", dtype=str)
     assert (scans["status"] == "ok").sum() == 3
     assert len(list((r / "segmentation").glob("ID_*_prob.nii.gz"))) == 3
+
+
+def test_an_ensemble_classifier_bundle_is_taken(new_cohort, demo_run, tmp_path):
+    # the CPU preset trains an ensemble (classifier.ensemble: 3): its bundle must work as model.classifier
+    from hemocam.models.resnet_lstm import ResNetLSTMEnsemble, load_bundle, save_bundle
+
+    single, meta = load_bundle(demo_run / "results/classifier/model.pt")
+    twin, _ = load_bundle(demo_run / "results/classifier/model.pt")
+    bundle = tmp_path / "ensemble.pt"
+    save_bundle(bundle, ResNetLSTMEnsemble([single, twin]), {k: v for k, v in meta.items()
+                                                             if k not in ("format", "kind", "versions")})
+    overlay = tmp_path / "ensemble.yaml"
+    overlay.write_text(new_cohort["overlay"].read_text().replace(str(demo_run / "results/classifier/model.pt"),
+                                                                  str(bundle)))
+    wd = tmp_path / "run"
+    run_snakemake(wd, configfiles=(CPU_SMALL, TINY, overlay))
+    run_snakemake(new_cohort["workdir"], configfiles=(CPU_SMALL, TINY, new_cohort["overlay"]))
+    prov = json.loads((wd / "results/provenance.json").read_text())
+    assert prov["models"]["classifier"]["kind"] == "resnet_lstm_ensemble"
+    got = sorted((wd / "results/classifier/slices").glob("ID_*.tsv"))
+    assert len(got) == 3 and len(list((wd / "results/segmentation").glob("ID_*_prob.nii.gz"))) == 3
+    for path in got:
+        # two identical members: the ensemble's mean probability is the single model's
+        ref = pd.read_csv(new_cohort["workdir"] / "results/classifier/slices" / path.name, sep="\t")
+        ens = pd.read_csv(path, sep="\t")
+        assert list(ens.columns) == list(ref.columns) == ["slice", *LABELS]
+        assert (ens[list(LABELS)] - ref[list(LABELS)]).abs().to_numpy().max() < 1e-5
