@@ -165,3 +165,17 @@ def test_an_ensemble_classifier_bundle_is_taken(new_cohort, demo_run, tmp_path):
         ens = pd.read_csv(path, sep="\t")
         assert list(ens.columns) == list(ref.columns) == ["slice", *LABELS]
         assert (ens[list(LABELS)] - ref[list(LABELS)]).abs().to_numpy().max() < 1e-5
+
+
+def test_a_cohort_without_labels_needs_a_classifier_bundle(new_cohort, demo_run, tmp_path):
+    # no labels and no model.classifier: refused while planning, not after ingestion and preprocessing
+    overlay = tmp_path / "nolabels.yaml"
+    overlay.write_text(f"input:\n  format: dicom\n  path: {new_cohort['export']}\n  masks: \"\"\n"
+                       f"model:\n  segmenter: {demo_run / 'results/segmenter/model.pt'}\n")
+    out = run_snakemake(tmp_path / "wd", "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "input.format dicom gives no slice labels" in text, text[-3000:]
+    assert "set model.classifier and model.segmenter" in text
+    # ingestion alone needs no labels
+    out = run_snakemake(tmp_path / "wd", "-n", "ingest", configfiles=(CPU_SMALL, TINY, overlay))
+    assert dry_run_jobs(out.stdout + out.stderr).get("ingest_batch")

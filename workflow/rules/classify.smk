@@ -5,7 +5,7 @@ if trains_classifier():
 
     rule train_classifier:
         input:
-            scans=f"{R}/scans.tsv",
+            scans=labelled_scans_table,
             preprocessed=manifests("preprocess", "cpu"),
         output:
             bundle=f"{R}/classifier/model.pt",

@@ -282,6 +282,18 @@ def has_labels():
     )
 
 
+def labelled_scans_table(wildcards):
+    """Input function of train_classifier: a cohort without slice labels cannot train one."""
+    if not has_labels():
+        raise WorkflowError(
+            f"hemocam: input.format {config['input']['format']} gives no slice labels, so no "
+            "classifier can be trained on this cohort: set model.classifier and model.segmenter to "
+            "the bundles of a run on a labelled cohort (README: Segmenting a new cohort), or give "
+            "labels (input.format samplesheet with input.labels)"
+        )
+    return f"{R}/scans.tsv"
+
+
 def has_masks():
     fmt = config["input"]["format"]
     if fmt == "physionet":
