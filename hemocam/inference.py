@@ -1,7 +1,7 @@
 """Inference with bundles from an earlier run (config ``model.classifier`` / ``model.segmenter``).
 
-A bundle records the preprocessing it was trained on (input size, CT windows) and the label
-set. A new cohort must be preprocessed the same way, so those values come from the bundle;
+A bundle records the preprocessing it was trained on (input size, CT windows), the classifier
+its label set and the segmenter its mask threshold. A new cohort must be preprocessed the same way, so those values come from the bundle;
 a config that sets one of them to something else on purpose is refused with a message that
 names the key, the bundle and both values, never silently overridden.
 """
@@ -19,7 +19,7 @@ class BundleMismatch(ValueError):
 
 
 def bundle_settings(path, role: str) -> dict:
-    """``{"size", "windows", "labels"?}`` recorded in a classifier or segmenter bundle.
+    """``{"size", "windows", "labels" | "threshold"}`` recorded in a classifier or segmenter bundle.
 
     ``role`` is the config key under ``model`` (``classifier`` or ``segmenter``); a missing,
     unreadable or wrong kind of file is an error naming ``model.<role>`` and the path.
@@ -42,6 +42,9 @@ def bundle_settings(path, role: str) -> dict:
     out = {"size": int(bundle["size"]), "windows": [dict(w) for w in bundle["windows"]]}
     if role == "classifier":
         out["labels"] = list(bundle["labels"])
+    else:
+        # the masks are cut at the bundle's threshold (its validation picked the kept epoch there)
+        out["threshold"] = float(bundle["threshold"])
     return out
 
 
@@ -57,7 +60,7 @@ def _differs(key: str, a, b) -> bool:
 
 
 def adopt_bundle_settings(config: dict, user_config: dict, bundles: dict) -> list[str]:
-    """Make ``config`` use the bundles' preprocessing and labels; return what was changed.
+    """Make ``config`` use the bundles' preprocessing, labels and threshold; return what was changed.
 
     ``bundles``: role -> path for the bundles that are set. ``user_config``: what the user's
     own config files and --config set (not the shipped defaults): a value set there that
@@ -66,7 +69,8 @@ def adopt_bundle_settings(config: dict, user_config: dict, bundles: dict) -> lis
     settings = {role: bundle_settings(path, role) for role, path in bundles.items() if path}
     if not settings:
         return []
-    places = {"size": ("preprocess", "size"), "windows": ("preprocess", "windows"), "labels": ("classifier", "labels")}
+    places = {"size": ("preprocess", "size"), "windows": ("preprocess", "windows"), "labels": ("classifier", "labels"),
+              "threshold": ("segmenter", "threshold")}
     changed = []
     for name, (section, key) in places.items():
         found = {role: s[name] for role, s in settings.items() if name in s}

@@ -92,6 +92,15 @@ def test_config_that_contradicts_the_bundle_is_refused(new_cohort, demo_run, tmp
     assert "preprocess.size is set to 64" in text and "model.classifier" in text and "48" in text, text[-3000:]
 
 
+def test_a_threshold_other_than_the_segmenters_is_refused(new_cohort, demo_run, tmp_path):
+    # the masks are cut at the bundle's threshold: a config that asks for another one is told so
+    overlay = _overlay(tmp_path / "thr.yaml", new_cohort["export"], demo_run, "segmenter:\n  threshold: 0.3\n")
+    out = run_snakemake(tmp_path / "wd", "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "segmenter.threshold is set to 0.3" in text and "model.segmenter" in text and "0.5" in text, text[-3000:]
+
+
 def test_missing_bundle_is_refused_naming_the_key(new_cohort, tmp_path):
     overlay = tmp_path / "missing.yaml"
     overlay.write_text(f"input:\n  format: dicom\n  path: {new_cohort['export']}\nmodel:\n  classifier: nowhere/model.pt\n"
