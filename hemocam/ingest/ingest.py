@@ -21,7 +21,8 @@ from hemocam.ingest.convert import (
 )
 from hemocam.ingest.index import quiet_pydicom, read_header
 from hemocam.ingest.labels import (
-    map_dicom_labels, read_physionet_labels, read_rsna_labels, read_sheet_labels, slice_table, sop_key,
+    LABELS_FROM_MASKS, map_dicom_labels, mask_slice_labels, read_physionet_labels, read_rsna_labels,
+    read_sheet_labels, slice_table, sop_key,
 )
 from hemocam.ingest.masks import mask_on_grid
 from hemocam.ingest.nifti import convert_nifti
@@ -61,7 +62,7 @@ def _context(batch_plan_path: str, cfg_json: str):
             labels_path = str(Path(cfg["input"]["path"]) / "hemorrhage_diagnosis_raw_metadata.csv")
         labels = read_physionet_labels(labels_path)
         labels = labels[labels["scan_id"].isin(set(plan["scan_id"]))]
-    elif fmt == "samplesheet" and labels_path:
+    elif fmt == "samplesheet" and labels_path and labels_path != LABELS_FROM_MASKS:
         labels = read_sheet_labels(labels_path)
         labels = labels[labels["scan_id"].isin(set(plan["scan_id"]))]
     return plan, labels, labels_path
@@ -230,12 +231,25 @@ def _ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir:
         written.append(out["nifti"])
         notes += info["notes"]
         shape, affine = info["shape"], info["affine"]
+        mask = None
+        if head["mask"]:
+            mask, more = mask_on_grid(head["mask"], shape, affine, name)
+            save_nifti(mask, affine, out["mask"], dtype=np.uint8)
+            written.append(out["mask"])
+            notes += more
+        else:
+            _unlink(out["mask"])
         table = None
         fmt = head["format"]
         if fmt == "rsna":
             table, more = map_dicom_labels(info["rows"], slice_centres_ras(info["rows"]), labels, affine,
                                            shape[2], name)
             notes += more
+        elif fmt == "samplesheet" and labels_path == LABELS_FROM_MASKS:
+            if mask is not None:
+                table = mask_slice_labels(mask)
+            else:
+                notes.append("no mask to derive slice labels from")
         elif labels is not None:
             mine = labels[labels["scan_id"] == scan_id]
             if len(mine):
@@ -249,13 +263,6 @@ def _ingest_scan(scan_id: str, batch_plan_path: str, cfg_json: str, results_dir:
             written.append(out["labels"])
         else:
             _unlink(out["labels"])  # a stale file from an earlier run would claim labels
-        if head["mask"]:
-            mask, more = mask_on_grid(head["mask"], shape, affine, name)
-            save_nifti(mask, affine, out["mask"], dtype=np.uint8)
-            written.append(out["mask"])
-            notes += more
-        else:
-            _unlink(out["mask"])
     except BaseException:
         for p in written:  # a rejected scan leaves no half set of outputs behind
             _unlink(p)

@@ -140,7 +140,7 @@ def _check_slices(df: pd.DataFrame, n_slices: int, name: str, what: str) -> pd.D
         raise InputError(f"{name}: {what} covers {len(have & want)} of {n_slices} slices"
                          + (f"; missing {miss[:5]}" if miss else "") + (f"; beyond the volume {extra[:5]}" if extra else ""))
     out = df.sort_values("slice").reset_index(drop=True)
-    return out[["slice", *LABELS]].astype(np.int64)
+    return out[["slice", *(lab for lab in LABELS if lab in df.columns)]].astype(np.int64)
 
 
 def read_physionet_labels(path) -> pd.DataFrame:
@@ -166,20 +166,43 @@ def read_physionet_labels(path) -> pd.DataFrame:
     return out[["scan_id", "slice", *LABELS]]
 
 
+# input.labels of a sample sheet that derives slice labels from the sheet's masks
+LABELS_FROM_MASKS = "masks"
+
+
+def sheet_label_columns(path) -> list[str]:
+    """The labels a sample sheet's ``input.labels`` gives: ``any`` and the subtypes it has
+    columns for (only ``any`` when derived from masks)."""
+    if path == LABELS_FROM_MASKS:
+        return ["any"]
+    try:
+        header = pd.read_csv(path, sep="\t", nrows=0).columns
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable labels TSV ({type(exc).__name__}: {exc})") from exc
+    return [lab for lab in LABELS if lab in header]
+
+
 def read_sheet_labels(path) -> pd.DataFrame:
-    """Samplesheet labels TSV: scan_id, slice (0-based on the NIfTI's 3rd axis), LABELS as 0/1."""
+    """Samplesheet labels TSV: scan_id, slice (0-based on the NIfTI's 3rd axis), ``any`` and any
+    of the subtypes as 0/1 (binary slice labels, as the paper trains on, need ``any`` alone)."""
     try:
         df = read_tsv(path, dtype={"scan_id": str})
     except Exception as exc:
         raise InputError(f"{path}: unreadable labels TSV ({type(exc).__name__}: {exc})") from exc
-    need = ["scan_id", "slice", *LABELS]
-    if set(need) - set(df.columns):
-        raise InputError(f"{path}: missing columns {sorted(set(need) - set(df.columns))}")
-    vals = df[["slice", *LABELS]].apply(pd.to_numeric, errors="coerce")
-    if vals.isna().any().any() or not vals[list(LABELS)].isin([0, 1]).all().all():
+    missing = [c for c in ("scan_id", "slice", "any") if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing columns {missing}")
+    given = [lab for lab in LABELS if lab in df.columns]
+    vals = df[["slice", *given]].apply(pd.to_numeric, errors="coerce")
+    if vals.isna().any().any() or not vals[given].isin([0, 1]).all().all():
         raise InputError(f"{path}: slice must be an integer and labels 0 or 1")
     out = pd.concat([df[["scan_id"]].astype(str), vals.astype(np.int64)], axis=1)
-    return out[need]
+    return out[["scan_id", "slice", *given]]
+
+
+def mask_slice_labels(mask: np.ndarray) -> pd.DataFrame:
+    """``slice``, ``any`` of a mask on its NIfTI grid: a slice is bleeding where it marks a voxel."""
+    return pd.DataFrame({"slice": np.arange(mask.shape[2]), "any": mask.reshape(-1, mask.shape[2]).any(0).astype(np.int64)})
 
 
 def slice_table(per_scan: pd.DataFrame, n_slices: int, name: str, what: str) -> pd.DataFrame:

@@ -314,6 +314,30 @@ def trains_classifier():
     return not config["model"]["classifier"]
 
 
+def check_label_columns():
+    """A sample sheet's labels must give every label the classifier is to learn."""
+    from hemocam.ingest.labels import sheet_label_columns
+    from hemocam.io import InputError
+
+    labels = config["input"].get("labels")
+    if (
+        config["input"]["format"] != "samplesheet"
+        or not labels
+        or not trains_classifier()
+    ):
+        return
+    try:
+        given = sheet_label_columns(labels)
+    except InputError as exc:
+        raise WorkflowError(f"hemocam: input.labels: {exc}") from None
+    missing = [lab for lab in config["classifier"]["labels"] if lab not in given]
+    if missing:
+        raise WorkflowError(
+            f"hemocam: classifier.labels asks for {', '.join(missing)}, which input.labels "
+            f"({labels}) does not give; set classifier.labels to [{', '.join(given)}]"
+        )
+
+
 def trains_segmenter():
     return not config["model"]["segmenter"]
 
@@ -332,16 +356,22 @@ def public_config():
     return public
 
 
+check_label_columns()
+
 CLASSIFIER = config["model"]["classifier"] or f"{R}/classifier/model.pt"
 SEGMENTER = config["model"]["segmenter"] or f"{R}/segmenter/model.pt"
 
 
 def label_inputs():
     """Raw label files of the cohort (so a label change reruns ingestion)."""
+    from hemocam.ingest.labels import LABELS_FROM_MASKS
+
     labels = config["input"].get("labels")
     return (
         [labels]
-        if labels and config["input"]["format"] in ("rsna", "samplesheet")
+        if labels
+        and labels != LABELS_FROM_MASKS
+        and config["input"]["format"] in ("rsna", "samplesheet")
         else []
     )
 
