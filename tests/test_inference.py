@@ -55,6 +55,8 @@ def test_new_cohort_is_segmented_with_volumes(new_cohort, demo_run):
     scans = pd.read_csv(wd / "results/scans.tsv", sep="\t", dtype=str, keep_default_na=False)
     ok = sorted(scans.loc[scans["status"] == "ok", "scan_id"])
     assert len(ok) == 3
+    # nothing is trained: the whole cohort is held out
+    assert set(scans.loc[scans["status"] == "ok", "split"]) == {"test"}
     for sid in ok:
         for rel in (f"segmentation/{sid}.nii.gz", f"segmentation/{sid}_prob.nii.gz", f"cam/{sid}.nii.gz",
                     f"classifier/slices/{sid}.tsv"):

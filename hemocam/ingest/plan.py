@@ -540,8 +540,12 @@ SPLIT_RECORD = "splits.json"  # in the plan cache: the splits results/scans.tsv 
 
 
 def split_settings(cfg) -> dict:
-    return {"split": {s: float(_cfg(cfg, "split", s, default=0) or 0) for s in SPLITS},
-            "seed": int(_cfg(cfg, "seed", default=0))}
+    """Split fractions and seed; with both model bundles given nothing is trained, so the whole
+    cohort is held out as ``test`` (a sample sheet's own ``split`` column still counts)."""
+    seed = int(_cfg(cfg, "seed", default=0))
+    if _cfg(cfg, "model", "classifier", default="") and _cfg(cfg, "model", "segmenter", default=""):
+        return {"split": {"train": 0.0, "val": 0.0, "test": 1.0}, "seed": seed}
+    return {"split": {s: float(_cfg(cfg, "split", s, default=0) or 0) for s in SPLITS}, "seed": seed}
 
 
 def read_split_record(cache_dir) -> dict | None:

@@ -139,7 +139,8 @@ def _check_splits():
     moved = both[(old[both] != "") & (old[both] != new[both])]
     if len(moved):
         raise WorkflowError(
-            f"hemocam: the split settings (split.*, seed) now put {len(moved)} scan(s) in another "
+            f"hemocam: the split settings (split.*, seed; model.* bundles hold every scan out as "
+            f"test) now put {len(moved)} scan(s) in another "
             f"split than {table} records (e.g. {moved[0]}: {old[moved[0]]} -> {new[moved[0]]}). "
             f"Remove {table} to remake it and retrain on the new splits, or restore the settings."
         )
