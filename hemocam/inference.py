@@ -1,9 +1,10 @@
 """Inference with bundles from an earlier run (config ``model.classifier`` / ``model.segmenter``).
 
 A bundle records the preprocessing it was trained on (input size, CT windows), the classifier
-its label set and the segmenter its mask threshold. A new cohort must be preprocessed the same way, so those values come from the bundle;
-a config that sets one of them to something else on purpose is refused with a message that
-names the key, the bundle and both values, never silently overridden.
+its label set and the segmenter its mask threshold. A new cohort must be preprocessed the same
+way and cut at the same threshold, so those values come from the bundle; a config that sets one
+of them to something else on purpose is refused with a message that names the key, the bundle
+and both values, never silently overridden.
 """
 
 from __future__ import annotations

@@ -202,7 +202,8 @@ def read_sheet_labels(path) -> pd.DataFrame:
 
 def mask_slice_labels(mask: np.ndarray) -> pd.DataFrame:
     """``slice``, ``any`` of a mask on its NIfTI grid: a slice is bleeding where it marks a voxel."""
-    return pd.DataFrame({"slice": np.arange(mask.shape[2]), "any": mask.reshape(-1, mask.shape[2]).any(0).astype(np.int64)})
+    bleeding = np.asarray(mask).reshape(-1, mask.shape[2]).any(axis=0)
+    return pd.DataFrame({"slice": np.arange(mask.shape[2]), "any": bleeding.astype(np.int64)})
 
 
 def slice_table(per_scan: pd.DataFrame, n_slices: int, name: str, what: str) -> pd.DataFrame:
