@@ -86,21 +86,17 @@ def test_bundle_settings_are_used_when_the_config_leaves_them_default(new_cohort
     assert "preprocess.size: 256 -> 48 (from model.classifier)" in out.stdout + out.stderr
 
 
-def test_config_that_contradicts_the_bundle_is_refused(new_cohort, demo_run, tmp_path):
-    overlay = _overlay(tmp_path / "bad.yaml", new_cohort["export"], demo_run, "preprocess:\n  size: 64\n")
-    out = run_snakemake(tmp_path / "wd", "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
-    text = out.stdout + out.stderr
-    assert out.returncode != 0
-    assert "preprocess.size is set to 64" in text and "model.classifier" in text and "48" in text, text[-3000:]
-
-
-def test_a_threshold_other_than_the_segmenters_is_refused(new_cohort, demo_run, tmp_path):
+@pytest.mark.parametrize("setting, needles", [
+    ("preprocess:\n  size: 64\n", ("preprocess.size is set to 64", "model.classifier", "48")),
     # the masks are cut at the bundle's threshold: a config that asks for another one is told so
-    overlay = _overlay(tmp_path / "thr.yaml", new_cohort["export"], demo_run, "segmenter:\n  threshold: 0.3\n")
+    ("segmenter:\n  threshold: 0.3\n", ("segmenter.threshold is set to 0.3", "model.segmenter", "0.5")),
+])
+def test_config_that_contradicts_the_bundle_is_refused(new_cohort, demo_run, tmp_path, setting, needles):
+    overlay = _overlay(tmp_path / "bad.yaml", new_cohort["export"], demo_run, setting)
     out = run_snakemake(tmp_path / "wd", "-n", configfiles=(CPU_SMALL, TINY, overlay), check=False)
     text = out.stdout + out.stderr
     assert out.returncode != 0
-    assert "segmenter.threshold is set to 0.3" in text and "model.segmenter" in text and "0.5" in text, text[-3000:]
+    assert all(needle in text for needle in needles), text[-3000:]
 
 
 def test_missing_bundle_is_refused_naming_the_key(new_cohort, tmp_path):
