@@ -174,8 +174,9 @@ def test_cam_batch_through_the_real_resnet_lstm(tmp_path):
                                 grad_mode="auto", chunk=32, use="mean")
     assert min(a.max() for a in alone) > 0 and not np.allclose(want[0], alone[0], atol=1e-3)  # both members count
     for use, maps in (("mean", want[0]), ("first", alone[0])):
+        # on the CPU, where `want` was computed: on a GPU the stage runs in bf16
         cam.cam_batch(tmp_path / "ens.pt", ids, R, {"label": "any", "method": "gradcampp", "members": use},
-                      tmp_path / f"cam-{use}.tsv")
+                      tmp_path / f"cam-{use}.tsv", device="cpu")
         got, _ = load_nifti(R / "cam" / f"{ids[0]}.nii.gz")
         assert np.allclose(got, np.clip(to_original_grid(maps, cmeta, order=1), 0, 1), atol=1e-5), use
     predict_batch(tmp_path / "ens.pt", ids, R, tmp_path / "cls.tsv", device="cpu")
