@@ -16,7 +16,10 @@ Steps (on the NIfTI grid, slices on axis 2, in-plane sizes in mm from ``spacing`
 4. erode the candidates in-plane by ``erode_mm``, keep the largest 3-D component (the brain: the
    other candidates only touch it through thin gaps in the bone, which the erosion cuts), then grow
    it back geodesically within the candidates (so a subdural crescent against the inner table,
-   being connected to the brain, comes back whole).
+   being connected to the brain, comes back whole) by as far as the erosion took, a move to the
+   next slice costing the slice spacing (capped at ``erode_mm``). Growing one slice per step, as
+   this once did, let the frontal lobe reach ten 2.6 mm slices down through a thin orbital roof and
+   spread through the orbits; the erosion, being in-plane, takes nothing along z.
 5. fill holes per slice (calcifications, dense clot) and add a ``rim_mm`` partial-volume rim
    (at least one pixel, HU < ``rim_hu``) towards the inner table: voxels mixing blood and bone
    read far above ``soft_max`` (up to ~700 HU with 5 mm slices through a curved skull) but
@@ -60,6 +63,25 @@ def _hulls(bone: np.ndarray, min_pixels: int) -> np.ndarray:
     return out
 
 
+def _regrow(core: np.ndarray, cand: np.ndarray, steps: int, z_cost: int) -> np.ndarray:
+    """Voxels of ``cand`` within ``steps`` in-plane pixel moves (4-connected) of ``core`` along
+    paths inside ``cand``, a move to the next or previous slice costing ``z_cost`` pixel moves."""
+    box = ndimage.find_objects(cand.astype(np.uint8))[0]  # the work stays inside cand's box
+    out = np.zeros_like(core)
+    core, cand = core[box], cand[box]
+    plane = ndimage.generate_binary_structure(2, 1)[:, :, None]
+    reached = [core]  # reached[d]: within distance d; only the last z_cost are needed
+    for d in range(1, steps + 1):
+        now = ndimage.binary_dilation(reached[-1], structure=plane, mask=cand)
+        if d >= z_cost:
+            src = reached[-z_cost]
+            now[:, :, 1:] |= src[:, :, :-1] & cand[:, :, 1:]
+            now[:, :, :-1] |= src[:, :, 1:] & cand[:, :, :-1]
+        reached = (reached + [now])[-z_cost:]
+    out[box] = reached[-1]
+    return out
+
+
 def brain_mask(
     hu,
     spacing,
@@ -73,7 +95,7 @@ def brain_mask(
 ) -> np.ndarray:
     """uint8 intracranial mask (1 inside) of the HU volume ``hu`` (X, Y, Z).
 
-    ``spacing`` is the voxel size in mm (x, y[, z]); only the in-plane sizes are used.
+    ``spacing`` is the voxel size in mm (x, y[, z]); without z, slices are taken as far apart as pixels.
     """
     hu = np.asarray(hu)
     if hu.ndim != 3:
@@ -97,10 +119,12 @@ def brain_mask(
     if not core.any():  # tiny heads / very coarse grids: skip the erosion
         core = _largest_components(cand, 1.0, structure=conn)
     steps = int(np.ceil(erode_mm / min(sx, sy))) + 2
-    grow = np.zeros((3, 3, 3), bool)
-    grow[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    grow[1, 1, :] = True
-    mask = ndimage.binary_dilation(core, structure=grow, iterations=steps, mask=cand)
+    # a move to the next slice costs the slice spacing, at most erode_mm: one move stays possible
+    # (the erosion can take a whole vertex slice's core), but the regrowth cannot travel slices
+    # down through a thin orbital roof and then spread through the orbit
+    sz = float(spacing[2]) if len(spacing) > 2 and float(spacing[2]) > 0 else min(sx, sy)
+    z_cost = max(1, int(np.ceil(min(sz, erode_mm) / min(sx, sy))))
+    mask = _regrow(core, cand, steps, z_cost)
 
     for k in range(mask.shape[2]):
         if mask[:, :, k].any():
