@@ -66,7 +66,8 @@ def run_batch(
     as rejected without calling ``fn``. With ``processes > 1`` scans run in a process pool
     (``fn`` must then be picklable, e.g. a ``functools.partial`` of a module-level function).
     ``stamps`` (:class:`hemocam.stamps.Stamps`): scans whose stamp holds keep their outputs and
-    row without calling ``fn``; the scans done are stamped.
+    row without calling ``fn``; the scans done are stamped; a scan rejected, here or upstream,
+    loses the outputs an earlier run wrote for it.
     """
     up = read_manifests(upstream) if upstream else None
     rows, todo = [], []
@@ -101,6 +102,9 @@ def run_batch(
     if stamps is not None:
         for row in done:
             stamps.record(row)
+        for row in rows:  # rejected upstream (kept rows are ok)
+            if row["status"] != "ok":
+                stamps.drop(row["scan_id"])
     rows.extend(done)
     order = {sid: i for i, sid in enumerate(scan_ids)}
     df = pd.DataFrame(rows)

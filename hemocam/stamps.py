@@ -111,12 +111,19 @@ class Stamps:
         row = dict(stamp.get("row") or [])
         return row if row.get("scan_id") == scan_id and row.get("status") == "ok" else None
 
+    def drop(self, scan_id):
+        """A scan not accepted now: remove its stamp and whatever an earlier run wrote for it,
+        which a user opening the stage's folder would take for this run's."""
+        self._path(scan_id).unlink(missing_ok=True)
+        for path in self.outputs_of(scan_id):
+            Path(path).unlink(missing_ok=True)
+
     def record(self, row: dict):
         """Stamp an accepted scan's row with the outputs now on disk."""
         scan_id = row["scan_id"]
         path = self._path(scan_id)
         if row.get("status") != "ok":
-            path.unlink(missing_ok=True)
+            self.drop(scan_id)
             return
         row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}  # numpy scalars
         outputs = {_name(p): file_sig(p) for p in self.outputs_of(scan_id)}

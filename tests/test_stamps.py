@@ -69,10 +69,18 @@ def test_a_rerun_keeps_what_did_not_change(tmp_path):
     run_batch("stage", ["a", "b"], fn, tmp_path / "m4.tsv", stamps=stamps())
     assert calls == ["a"] and (out / "a").read_text() == "THREE"
 
-    # a scan rejected now loses its stamp: fixing nothing else, it is tried on every rerun
+    # a scan rejected now loses its stamp (fixing nothing else, it is tried on every rerun) and
+    # the output an earlier run wrote for it, here or when an upstream stage rejects it
     (src / "b").write_text("bad")
     run_batch("stage", ["b"], fn, tmp_path / "m5.tsv", stamps=stamps())
-    assert not (tmp_path / "stamps" / "b.json").exists()
+    assert not (tmp_path / "stamps" / "b.json").exists() and not (out / "b").exists()
+    assert (out / "a").exists() and (tmp_path / "stamps" / "a.json").exists()
+    pd.DataFrame({"scan_id": ["a"], "status": ["rejected"], "reason": ["upstream: bad"]}).to_csv(
+        tmp_path / "up.tsv", sep="\t", index=False)
+    calls.clear()
+    df = run_batch("stage", ["a"], fn, tmp_path / "m6.tsv", upstream=[tmp_path / "up.tsv"], stamps=stamps())
+    assert calls == [] and list(df["status"]) == ["rejected"]
+    assert not (out / "a").exists() and not (tmp_path / "stamps" / "a.json").exists()
 
 
 def test_a_stamp_names_its_key_and_outputs(tmp_path):
