@@ -181,8 +181,11 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     bad_paths = pd.Series([paths[int(r)] if r == r else "" for r in bad_rows.to_numpy()], dtype=str)
     bad_spans = [spans[int(r)] if r == r else "" for r in bad_rows.to_numpy()]
     # a file as reasons name it: relative to the input root, identifying values removed
-    s["first_bad"] = [shown(p, sp) if p else np.nan
-                      for p, sp in zip(_relative_dirs(bad_paths, roots).tolist(), bad_spans)]
+    # one string dtype for every text column: pandas 3.0 with numpy 2.5 refuses to add an object
+    # column to a str one (TypeError 'radd'), which the concatenations below would do
+    s["first_bad"] = pd.Series([shown(p, sp) if p else np.nan
+                                for p, sp in zip(_relative_dirs(bad_paths, roots).tolist(), bad_spans)],
+                               index=s.index, dtype="str")
     s["n_usable"] = gu["one"].sum().reindex(idx_all).fillna(0).astype(np.int64)
     s["n_loc"] = s["n_loc"].where(~s["localizer"], 0)  # noted only where dropped from a series
     s["n_frames"] = gu["frames"].sum().reindex(idx_all).fillna(0).astype(np.int64)
@@ -204,7 +207,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     s.index = pd.Index(np.asarray(uids, dtype=object), name="series_uid")
 
     s["n_slices"] = np.where(s["multiframe"], s["n_frames"], s["n_pos"]).astype(np.int64)
-    reasons = pd.Series("", index=s.index, dtype=object)
+    reasons = pd.Series("", index=s.index, dtype="str")
 
     def reject(mask, text):
         mask = mask & (reasons == "")
@@ -237,7 +240,7 @@ def classify_series(index: pd.DataFrame, min_slices: int = 1, scan_id: str = "ui
     s["n_orphan"], s["orphan_file"] = 0, ""
     if orphan.any():
         _place_orphans(index[orphan], img, s, roots)
-    notes = pd.Series("", index=s.index, dtype=object)
+    notes = pd.Series("", index=s.index, dtype="str")
     # truncated files are noted by the conversion, which drops them
     for col, text in (("n_dup", "duplicate SOP instance file(s) ignored"), ("n_loc", "LOCALIZER image(s) dropped"),
                       ("n_orphan", "image file(s) in its folder without SeriesInstanceUID not used, e.g. ")):
