@@ -18,8 +18,16 @@ For one scan, on the NIfTI grid (all inputs are already there):
    drops brain, CSF and bone/calcification whatever the clustering did, and bounds the
    clustering threshold from below when a CAM region holds no blood);
 5. **clean-up** — per-slice hole filling (``fill_holes``: clots are heterogeneous and the HU
-   window punches holes into them), then 3-D connected components smaller than
-   ``min_component_voxels`` removed.
+   window punches holes into them); voxels within ``bone_margin`` in-plane voxels (4-connected)
+   of bone (HU > ``bone_hu``) dropped: the scanner blurs the inner table into its neighbours, so
+   on every slice a one-voxel rim along the skull reads blood-like HU; then 3-D connected
+   components smaller than ``min_component_voxels`` removed.
+
+On the 40-scan demo (CPU preset; the run's own CAMs, ground truth read only to score) the
+pseudo-masks' mean 3-D Dice on the 19 training and validation bleeds is 0.487 with ``kmeans``
+and no bone margin, 0.511 with ``kmeans`` and ``bone_margin: 1``, and 0.548 with ``otsu`` and
+``bone_margin: 1`` (test, 6 bleeds: 0.456, 0.476, 0.506); ``bone_hu`` 200 against 400: 0.548
+against 0.503. Those are the defaults.
 
 ``cam_mode`` says how the CAM restricts the result: ``region`` (default) keeps voxels inside the
 CAM region only; ``component`` keeps whole hyperdense 3-D components (found on the gated slices
@@ -54,14 +62,20 @@ DEFAULTS = {
     "cam_threshold": 0.3,  # CAM (scan-normalised, [0,1]) above which a voxel is "where the classifier looked"
     "hu_min": 45,  # hemorrhage HU window: acute blood ~50-90 HU, minus a partial-volume margin
     "hu_max": 95,
-    "refine": "kmeans",  # kmeans | otsu | none
+    "refine": "otsu",  # kmeans | otsu | none
     "n_clusters": 3,  # k-means classes in the CAM region: CSF/oedema, parenchyma, blood
     "refine_min_hu": 0,  # soft-tissue values the refinement is fitted on: refine_min_hu..hu_max
     "cam_mode": "region",  # region | component
     "min_component_voxels": 20,  # smaller 3-D components are noise
     "prob_threshold": 0.5,  # slice gate from classifier probabilities on unlabelled cohorts
     "fill_holes": True,
+    "bone_hu": 200,  # above: bone (the inner table), whose blurred edge mimics blood
+    "bone_margin": 1,  # in-plane voxels next to bone dropped; 0: none
 }
+
+
+# 4-connected within a slice (slices are axis 2): the blur that smears bone is in-plane
+IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
 
 
 def _cfg(cfg_pm: dict | None) -> dict:
@@ -139,6 +153,8 @@ def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None
         for z in np.flatnonzero(keep.any(axis=(0, 1))):
             # holes are filled only inside the region: no leaking into the brain
             keep[:, :, z] = ndimage.binary_fill_holes(keep[:, :, z]) & region[:, :, z]
+    if int(cfg["bone_margin"]) > 0 and keep.any():
+        keep &= ~ndimage.binary_dilation(hu > float(cfg["bone_hu"]), IN_PLANE, int(cfg["bone_margin"]))
     keep = remove_small_components(keep, int(cfg["min_component_voxels"]))
     if cfg["cam_mode"] == "component" and keep.any():
         lab, n = ndimage.label(keep)

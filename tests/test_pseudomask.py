@@ -162,3 +162,21 @@ def test_component_mode_keeps_whole_bleeds_the_cam_touches():
     assert comp[6:12, 6:12, 2:4].all() and comp.sum() == 72  # the whole bleed, not the other one
     with pytest.raises(ValueError, match="cam_mode"):
         pm.build_pseudomask(hu, cam, brain, [2], {**CFG, "cam_mode": "blob"})
+
+
+def test_the_rim_along_the_skull_is_dropped():
+    """The blurred inner table reads blood-like HU in the voxel next to the bone on every slice;
+    a collection against the skull keeps the voxels that are not next to the bone."""
+    hu, cam, brain = phantom()
+    cam[:, :, :] = 0.9
+    hu[3, 3:21, :] = 80  # partial-volume rim along the skull (row 2 is bone), all slices
+    hu[3:7, 14:20, 2:4] = 70  # a collection against the skull, 4 voxels thick
+    hu[6:12, 6:12, 2:4] = 30  # no other bleed
+    m = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG)
+    # rows 4-6 (not next to bone) of columns 14-19; the rim voxels of the collection's slices
+    # (row 3) go with the rest of the rim
+    assert m[4:7, 14:20, 2:4].all() and m.sum() == 3 * 6 * 2
+    kept = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_margin": 0})
+    assert kept[3, 3:21, 2:4].all() and kept.sum() > m.sum()
+    # bone is what the margin is measured from: below bone_hu nothing is dropped
+    assert pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_hu": 1500}).sum() == kept.sum()
