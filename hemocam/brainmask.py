@@ -34,6 +34,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
+# 4-connected within a slice (slices are axis 2)
+IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
+
 log = logging.getLogger("hemocam")
 
 
@@ -69,10 +72,9 @@ def _regrow(core: np.ndarray, cand: np.ndarray, steps: int, z_cost: int) -> np.n
     box = ndimage.find_objects(cand.astype(np.uint8))[0]  # the work stays inside cand's box
     out = np.zeros_like(core)
     core, cand = core[box], cand[box]
-    plane = ndimage.generate_binary_structure(2, 1)[:, :, None]
     reached = [core]  # reached[d]: within distance d; only the last z_cost are needed
     for d in range(1, steps + 1):
-        now = ndimage.binary_dilation(reached[-1], structure=plane, mask=cand)
+        now = ndimage.binary_dilation(reached[-1], structure=IN_PLANE, mask=cand)
         if d >= z_cost:
             src = reached[-z_cost]
             now[:, :, 1:] |= src[:, :, :-1] & cand[:, :, 1:]

@@ -53,6 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from hemocam.batch import run_batch
+from hemocam.brainmask import IN_PLANE
 from hemocam.io import InputError, load_nifti, read_tsv, save_nifti
 from hemocam.metrics import remove_small_components
 from hemocam.stamps import MODEL_LIBRARIES, file_stamps, stamps_folder
@@ -73,10 +74,6 @@ DEFAULTS = {
     "bone_hu": 200,  # above: bone (the inner table), whose blurred edge mimics blood
     "bone_margin": 1,  # in-plane voxels next to bone dropped; 0: none
 }
-
-
-# the bone margin's neighbourhood: 4-connected within a slice (slices are axis 2)
-IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
 
 
 def _cfg(cfg_pm: dict | None) -> dict:
