@@ -172,11 +172,31 @@ def test_the_rim_along_the_skull_is_dropped():
     hu[3, 3:21, :] = 80  # partial-volume rim along the skull (row 2 is bone), all slices
     hu[3:7, 14:20, 2:4] = 70  # a collection against the skull, 4 voxels thick
     hu[6:12, 6:12, 2:4] = 30  # no other bleed
-    m = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG)
+    m = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 0})
     # rows 4-6 (not next to bone) of columns 14-19; the rim voxels of the collection's slices
-    # (row 3) go with the rest of the rim
+    # (row 3) go with the rest of the rim (without the regrowth of the next test)
     assert m[4:7, 14:20, 2:4].all() and m.sum() == 3 * 6 * 2
     kept = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_margin": 0})
     assert kept[3, 3:21, 2:4].all() and kept.sum() > m.sum()
     # bone is what the margin is measured from: below bone_hu nothing is dropped
     assert pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_hu": 1500}).sum() == kept.sum()
+
+
+def test_a_collection_against_the_skull_takes_its_rim_back():
+    """bone_regrow: the margin voxels a surviving component touches come back (its outer layer),
+    the rest of the rim along the skull stays out."""
+    hu, cam, brain = phantom()
+    cam[:, :, :] = 0.9
+    hu[3, 3:21, :] = 80  # partial-volume rim along the skull, all slices
+    hu[3:7, 14:20, 2:4] = 70  # a collection against the skull
+    hu[6:12, 6:12, 2:4] = 30
+    m = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 1})
+    # the collection with its outer row; one in-plane step (4-connected) reaches no further rim voxel
+    assert m[3:7, 14:20, 2:4].all() and m.sum() == 4 * 6 * 2
+    two = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 2})
+    assert two[3, [13, 20], 2:4].all() and two.sum() == 4 * 6 * 2 + 2 * 2
+    assert not m[:, :, [0, 1, 4, 5]].any()  # unlabelled slices: never
+    # a rim with nothing behind it stays out
+    hu[3:7, 14:20, 2:4] = 30
+    hu[3, 14:20, 2:4] = 80
+    assert pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 1}).sum() == 0
