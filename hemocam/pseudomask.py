@@ -18,20 +18,27 @@ For one scan, on the NIfTI grid (all inputs are already there):
    drops brain, CSF and bone/calcification whatever the clustering did, and bounds the
    clustering threshold from below when a CAM region holds no blood);
 5. **clean-up** — per-slice hole filling (``fill_holes``: clots are heterogeneous and the HU
-   window punches holes into them); voxels within ``bone_margin`` in-plane voxels (4-connected)
-   of bone (HU > ``bone_hu``) dropped: the scanner blurs the inner table into its neighbours, so
-   on every slice a one-voxel rim along the skull reads blood-like HU; then 3-D connected
-   components smaller than ``min_component_voxels`` removed; last, the surviving components take
-   back the dropped margin voxels within ``bone_regrow`` in-plane steps of them (4-connected):
-   a bleed against the skull keeps its outer layer, a rim with no bleed behind it stays out.
+   window punches holes into them); voxels within ``bone_margin_mm`` (in-plane, Euclidean) of
+   bone (HU > ``bone_hu``) dropped: the scanner blurs the inner table into its neighbours, so on
+   every slice a rim along the skull reads blood-like HU; then 3-D connected components smaller
+   than ``min_component_voxels`` removed; last, the surviving components take back the dropped
+   margin voxels within ``bone_regrow_mm`` of them (in-plane 4-connected steps of one voxel): a
+   bleed against the skull keeps its outer layer, a rim with no bleed behind it stays out.
+
+Both are in millimetres because the rim is a property of the scanner's blur, not of the grid. The
+demo's rim is one voxel (1.7-1.95 mm pixels: median 71 HU at one voxel from bone, 38 HU at
+two); on the real GE head CT of ``../shared/data/realct`` (0.49 mm pixels) the median brain voxel
+reads 104 / 75 / 60 / 52 / 48 HU at 0.5-1 / 1-1.5 / 1.5-2 / 2-2.5 / 2.5-3 mm from bone and 37-38
+HU from 6 mm on. 2 mm (``bone_margin_mm: 2.0``) is exactly one voxel on every demo scan (so the
+figures below hold) and four on such a scan, where a one-voxel margin would reach 0.5 mm.
 
 On the 40-scan demo (CPU preset; the run's own CAMs, ground truth read only to score) the
 pseudo-masks' mean 3-D Dice on the 19 training and validation bleeds is 0.487 with ``kmeans``
-and no bone margin, 0.511 with ``kmeans`` and ``bone_margin: 1``, and 0.548 with ``otsu`` and
-``bone_margin: 1`` (test, 6 bleeds: 0.456, 0.476, 0.506); ``bone_hu`` 200 against 400: 0.548
-against 0.515. Those are the defaults. ``bone_regrow: 1`` (2026-11-30, the same run's CAMs):
+and no bone margin, 0.511 with ``kmeans`` and a one-voxel margin, and 0.548 with ``otsu`` and
+a one-voxel margin (test, 6 bleeds: 0.456, 0.476, 0.506); ``bone_hu`` 200 against 400: 0.548
+against 0.515. Those are the defaults. A one-voxel regrowth (2026-11-30, the same run's CAMs):
 0.569 on the training and validation bleeds against 0.548 without (2 and 3 steps: 0.569, 0.570;
-with ``bone_margin: 2`` 0.533 and 0.553), test 0.574 against 0.506: the margin had taken the
+with a two-voxel margin 0.533 and 0.553), test 0.574 against 0.506: the margin had taken the
 outer layer of every bleed against the skull, so the targets under-read (-107 voxels a bleed on
 training and validation, -61 with the regrowth). The segmenter trained on them (one training
 each; README, "Quality on the demo cohort"): test / validation 0.578 / 0.513 with the regrowth,
@@ -79,14 +86,21 @@ DEFAULTS = {
     "prob_threshold": 0.5,  # slice gate from classifier probabilities on unlabelled cohorts
     "fill_holes": True,
     "bone_hu": 200,  # above: bone (the inner table), whose blurred edge mimics blood
-    "bone_margin": 1,  # in-plane voxels next to bone dropped; 0: none
-    "bone_regrow": 1,  # in-plane steps by which surviving components take back dropped margin voxels
+    "bone_margin_mm": 2.0,  # in-plane distance from bone within which voxels are dropped; 0: none
+    "bone_regrow_mm": 2.0,  # how far surviving components take back dropped margin voxels; 0: none
 }
+
+# keys replaced by millimetre ones (2026-11-30): a config that still sets them would be ignored
+RENAMED = {"bone_margin": "bone_margin_mm", "bone_regrow": "bone_regrow_mm"}
 
 
 def _cfg(cfg_pm: dict | None) -> dict:
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in (cfg_pm or {}).items() if v is not None})
+    for old, new in RENAMED.items():
+        if old in cfg:
+            raise ValueError(f"pseudomask.{old} (voxels) is now pseudomask.{new} (millimetres; 2.0 is one voxel of "
+                             f"the demo's 1.7-1.95 mm pixels): rename it in your config")
     if cfg["refine"] not in ("kmeans", "otsu", "none"):
         raise ValueError(f"pseudomask.refine {cfg['refine']!r} not in kmeans|otsu|none")
     if cfg["cam_mode"] not in ("region", "component"):
@@ -137,8 +151,23 @@ def refine_threshold(hu_in_region: np.ndarray, refine: str, n_clusters: int) -> 
     return float(0.5 * (c[-1] + c[-2]))
 
 
-def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None) -> np.ndarray:
-    """The pseudo-mask (bool, like ``hu``) from arrays on one grid; slices are axis 2."""
+def bone_margin(hu, bone_hu: float, margin_mm: float, spacing, slices=None) -> np.ndarray:
+    """Voxels (bool, like ``hu``) within ``margin_mm`` in-plane of bone (HU > ``bone_hu``) on
+    their own slice, bone itself excluded; ``spacing``: in-plane voxel size (mm) of axes 0 and 1;
+    ``slices``: only these (default: all)."""
+    bone = np.asarray(hu) > float(bone_hu)
+    out = np.zeros(bone.shape, bool)
+    zs = range(bone.shape[2]) if slices is None else slices
+    for z in zs:
+        if bone[:, :, z].any():
+            d = ndimage.distance_transform_edt(~bone[:, :, z], sampling=spacing)
+            out[:, :, z] = (d > 0) & (d <= float(margin_mm) * (1 + 1e-6))
+    return out
+
+
+def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None, spacing=(1.0, 1.0)) -> np.ndarray:
+    """The pseudo-mask (bool, like ``hu``) from arrays on one grid; slices are axis 2;
+    ``spacing``: in-plane voxel size (mm) of axes 0 and 1, for the bone margin."""
     cfg = _cfg(cfg_pm)
     hu = np.asarray(hu, dtype=np.float32)
     if not (hu.shape == np.shape(cam) == np.shape(brain)):
@@ -160,14 +189,16 @@ def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None
             # holes are filled only inside the region: no leaking into the brain
             keep[:, :, z] = ndimage.binary_fill_holes(keep[:, :, z]) & region[:, :, z]
     dropped = None
-    if int(cfg["bone_margin"]) > 0 and keep.any():
-        margin = ndimage.binary_dilation(hu > float(cfg["bone_hu"]), IN_PLANE, int(cfg["bone_margin"]))
+    spacing = tuple(float(s) for s in spacing[:2])
+    if float(cfg["bone_margin_mm"]) > 0 and keep.any():
+        margin = bone_margin(hu, cfg["bone_hu"], cfg["bone_margin_mm"], spacing, np.flatnonzero(keep.any(axis=(0, 1))))
         dropped = keep & margin
         keep &= ~margin
     keep = remove_small_components(keep, int(cfg["min_component_voxels"]))
-    if dropped is not None and int(cfg["bone_regrow"]) > 0 and keep.any() and dropped.any():
+    steps = int(np.floor(float(cfg["bone_regrow_mm"]) / min(spacing) + 1e-6))
+    if dropped is not None and steps > 0 and keep.any() and dropped.any():
         # a bleed against the skull gets its outer layer back; a rim with no bleed behind it does not
-        keep |= ndimage.binary_dilation(keep, IN_PLANE, int(cfg["bone_regrow"]), mask=keep | dropped)
+        keep |= ndimage.binary_dilation(keep, IN_PLANE, steps, mask=keep | dropped)
     if cfg["cam_mode"] == "component" and keep.any():
         lab, n = ndimage.label(keep)
         touched = np.zeros(n + 1, bool)
@@ -211,7 +242,8 @@ def pseudomask_scan(scan_id: str, results_dir, cfg_pm: dict | None, labelled: bo
         if arr.shape != hu.shape:
             raise InputError(f"{R / name / f'{scan_id}.nii.gz'}: shape {arr.shape} differs from the CT {hu.shape}")
     pos = positive_slices(scan_id, R, hu.shape[2], labelled, cfg["prob_threshold"])
-    mask = build_pseudomask(hu, cam, brain, pos, cfg)
+    spacing = np.linalg.norm(np.asarray(affine, float)[:3, :2], axis=0)
+    mask = build_pseudomask(hu, cam, brain, pos, cfg, spacing)
     out = Path(out_dir) if out_dir is not None else R / "pseudomask"
     save_nifti(mask.astype(np.uint8), affine, out / f"{scan_id}.nii.gz", dtype=np.uint8)
     return {"positive_slices": int(len(pos)), "pseudomask_voxels": int(mask.sum())}

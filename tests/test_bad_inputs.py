@@ -282,6 +282,14 @@ def test_bad_config_refused_naming_the_key(tmp_path, overlay, needles):
     _refused(proc, tmp_path / "run", "Error validating config file", *needles)
 
 
+def test_a_renamed_key_is_refused_with_its_new_name(tmp_path):
+    cohort = tmp_path / "cohort"
+    (cohort / "dicom").mkdir(parents=True)
+    cfg = {**rsna_config(cohort), "pseudomask": {"bone_margin": 1}}
+    proc = snakemake(tmp_path / "run", cfg, "ingest", check=False)
+    _refused(proc, tmp_path / "run", "pseudomask.bone_margin (voxels) is now pseudomask.bone_margin_mm (millimetres")
+
+
 # ----------------------------------------------------------------------------- nothing usable
 
 

@@ -9,7 +9,8 @@ from hemocam import pseudomask as pm
 from hemocam.io import InputError, load_nifti, read_tsv, save_nifti, write_tsv
 
 CFG = {"cam_threshold": 0.3, "hu_min": 45, "hu_max": 95, "refine": "kmeans", "n_clusters": 3, "cam_mode": "region",
-       "min_component_voxels": 5, "prob_threshold": 0.5, "fill_holes": True}
+       "min_component_voxels": 5, "prob_threshold": 0.5, "fill_holes": True,
+       "bone_margin_mm": 1.0, "bone_regrow_mm": 1.0}  # the phantom's voxels are 1 mm: one voxel each
 
 
 def phantom(shape=(24, 24, 6)):
@@ -172,31 +173,72 @@ def test_the_rim_along_the_skull_is_dropped():
     hu[3, 3:21, :] = 80  # partial-volume rim along the skull (row 2 is bone), all slices
     hu[3:7, 14:20, 2:4] = 70  # a collection against the skull, 4 voxels thick
     hu[6:12, 6:12, 2:4] = 30  # no other bleed
-    m = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 0})
+    m = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow_mm": 0})
     # rows 4-6 (not next to bone) of columns 14-19; the rim voxels of the collection's slices
     # (row 3) go with the rest of the rim (without the regrowth of the next test)
     assert m[4:7, 14:20, 2:4].all() and m.sum() == 3 * 6 * 2
-    kept = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_margin": 0})
+    kept = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_margin_mm": 0})
     assert kept[3, 3:21, 2:4].all() and kept.sum() > m.sum()
     # bone is what the margin is measured from: below bone_hu nothing is dropped
     assert pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_hu": 1500}).sum() == kept.sum()
 
 
 def test_a_collection_against_the_skull_takes_its_rim_back():
-    """bone_regrow: the margin voxels a surviving component touches come back (its outer layer),
+    """bone_regrow_mm: the margin voxels a surviving component touches come back (its outer layer),
     the rest of the rim along the skull stays out."""
     hu, cam, brain = phantom()
     cam[:, :, :] = 0.9
     hu[3, 3:21, :] = 80  # partial-volume rim along the skull, all slices
     hu[3:7, 14:20, 2:4] = 70  # a collection against the skull
     hu[6:12, 6:12, 2:4] = 30
-    m = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 1})
+    m = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG)
     # the collection with its outer row; one in-plane step (4-connected) reaches no further rim voxel
     assert m[3:7, 14:20, 2:4].all() and m.sum() == 4 * 6 * 2
-    two = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 2})
+    two = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow_mm": 2.0})
     assert two[3, [13, 20], 2:4].all() and two.sum() == 4 * 6 * 2 + 2 * 2
     assert not m[:, :, [0, 1, 4, 5]].any()  # unlabelled slices: never
     # a rim with nothing behind it stays out
     hu[3:7, 14:20, 2:4] = 30
     hu[3, 14:20, 2:4] = 80
-    assert pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_regrow": 1}).sum() == 0
+    assert pm.build_pseudomask(hu, cam, brain, [2, 3], CFG).sum() == 0
+
+
+def _against_the_skull():
+    hu, cam, brain = phantom()
+    cam[:, :, :] = 0.9
+    hu[3, 3:21, :] = 80  # partial-volume rim along the skull, all slices
+    hu[3:7, 14:20, 2:4] = 70  # a collection against the skull
+    hu[6:12, 6:12, 2:4] = 30
+    return hu, cam, brain
+
+
+def test_the_bone_margin_is_measured_in_millimetres():
+    """The rim is the scanner's blur, so the margin is a distance: the same head at half the pixel
+    size loses the same millimetres (two voxels, not one), and the regrowth crosses them again."""
+    hu, cam, brain = _against_the_skull()
+    fine = [np.repeat(np.repeat(a, 2, 0), 2, 1) for a in (hu, cam, brain)]
+    up = lambda m: np.repeat(np.repeat(m, 2, 0), 2, 1)  # noqa: E731
+    cfg = {**CFG, "bone_regrow_mm": 0}
+    coarse = pm.build_pseudomask(hu, cam, brain, [2, 3], cfg, spacing=(1.0, 1.0))
+    half = pm.build_pseudomask(*fine, [2, 3], cfg, spacing=(0.5, 0.5))
+    assert coarse.sum() == 3 * 6 * 2 and np.array_equal(half, up(coarse))
+    # counted in voxels, one voxel of 0.5 mm would leave half the rim in
+    thin = pm.build_pseudomask(*fine, [2, 3], {**cfg, "bone_margin_mm": 0.5}, spacing=(0.5, 0.5))
+    assert thin[7, 7:41, 2:4].all() and thin.sum() > half.sum()
+    # 1 mm of regrowth: one step of 1 mm, two of 0.5 mm (the second also one voxel along the rim)
+    coarse = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG, spacing=(1.0, 1.0))
+    half = pm.build_pseudomask(*fine, [2, 3], CFG, spacing=(0.5, 0.5))
+    assert coarse[3:7, 14:20, 2:4].all() and coarse.sum() == 4 * 6 * 2
+    assert (half >= up(coarse)).all() and half[7, [27, 40], 2:4].all() and half.sum() == up(coarse).sum() + 2 * 2
+    # the margin is a Euclidean distance within the slice: diagonal neighbours are further away
+    bone = np.zeros((5, 5, 1), np.int16)
+    bone[2, 2, 0] = 1000
+    ring = pm.bone_margin(bone, 200, 1.0, (1.0, 1.0))[:, :, 0]
+    assert ring.sum() == 4 and not ring[2, 2] and ring[1, 2] and not ring[1, 1]
+    assert pm.bone_margin(bone, 200, 1.5, (1.0, 1.0)).sum() == 8
+
+
+def test_the_old_voxel_keys_are_refused_with_their_new_names():
+    hu, cam, brain = _against_the_skull()
+    with pytest.raises(ValueError, match="bone_margin_mm"):
+        pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_margin": 1})
