@@ -94,13 +94,18 @@ DEFAULTS = {
 RENAMED = {"bone_margin": "bone_margin_mm", "bone_regrow": "bone_regrow_mm"}
 
 
-def _cfg(cfg_pm: dict | None) -> dict:
-    cfg = dict(DEFAULTS)
-    cfg.update({k: v for k, v in (cfg_pm or {}).items() if v is not None})
+def check_renamed(cfg_pm: dict | None) -> None:
+    """Refuse a key that a millimetre one replaced, naming the new key."""
     for old, new in RENAMED.items():
-        if old in cfg:
+        if old in (cfg_pm or {}):
             raise ValueError(f"pseudomask.{old} (voxels) is now pseudomask.{new} (millimetres; 2.0 is one voxel of "
                              f"the demo's 1.7-1.95 mm pixels): rename it in your config")
+
+
+def _cfg(cfg_pm: dict | None) -> dict:
+    check_renamed(cfg_pm)
+    cfg = dict(DEFAULTS)
+    cfg.update({k: v for k, v in (cfg_pm or {}).items() if v is not None})
     if cfg["refine"] not in ("kmeans", "otsu", "none"):
         raise ValueError(f"pseudomask.refine {cfg['refine']!r} not in kmeans|otsu|none")
     if cfg["cam_mode"] not in ("region", "component"):

@@ -23,15 +23,13 @@ os.environ.update(
 
 validate(config, "../schemas/config.schema.yaml")
 
-from hemocam.pseudomask import RENAMED as PSEUDOMASK_RENAMED
+from hemocam.pseudomask import check_renamed
 from hemocam.settings import segmenter_output, segmenter_training, self_training_target
 
-for _old, _new in PSEUDOMASK_RENAMED.items():
-    if _old in config.get("pseudomask", {}):
-        raise WorkflowError(
-            f"hemocam: pseudomask.{_old} (voxels) is now pseudomask.{_new} (millimetres; 2.0 is "
-            "one voxel of the demo's 1.7-1.95 mm pixels): rename it in your config"
-        )
+try:
+    check_renamed(config.get("pseudomask"))
+except ValueError as exc:
+    raise WorkflowError(f"hemocam: {exc}") from None
 
 
 def validate_samplesheet():
