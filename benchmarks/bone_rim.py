@@ -18,7 +18,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hemocam.io import load_nifti  # noqa: E402
-from hemocam.pseudomask import DEFAULTS, bone_margin  # noqa: E402
+from hemocam.pseudomask import DEFAULTS  # noqa: E402
 
 R = Path(sys.argv[1])
 scans_tsv = R / "scans.tsv"
@@ -64,7 +64,8 @@ for sid in ids:
     inside = brain & (dist > 0)
     bins = [[hu[inside & (dist > a) & (dist <= b)]] for a, b in zip(EDGES[:-1], EDGES[1:])]
     near = inside & (hu >= LO) & (hu <= HI) & (dist <= 3.0)
-    dropped = [int((bone_margin(hu, BONE_HU, mm, spacing) & near).sum()) for mm in MARGINS]
+    # what hemocam.pseudomask.bone_margin drops (0 < distance <= mm), from the distances above
+    dropped = [int((near & (dist <= mm * (1 + 1e-6))).sum()) for mm in MARGINS]
     report(f"{sid}: {spacing[0]:.3f} x {spacing[1]:.3f} mm pixels, {hu.shape[2]} slices", bins, int(near.sum()), dropped)
     for acc, v in zip(pooled[0], bins):
         acc.extend(v)
