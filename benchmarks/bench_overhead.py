@@ -85,7 +85,7 @@ def setup(work: Path, preset: str, n_scans: int, matrix: int, n_slices: int) -> 
                 "model": {"in_channels": unet.in_channels, "encoder": sc["encoder"], "base": int(sc["base_channels"])},
                 "state_dict": unet.state_dict(), "arch": f"unet-{sc['encoder']}", "windows": windows, "size": size,
                 "context": k, "input_scale": 1.0 / 255.0, "target": "pseudomask", "config": sc,
-                "threshold": float(sc["threshold"]), "min_component_voxels": int(sc["min_component_voxels"]),
+                "threshold": float(sc["threshold"]), "min_component_ml": float(sc["min_component_ml"]),
                 "tta_flip": bool(sc["tta_flip"])}, work / "segmenter.pt")
     return {"scan_ids": ids, "windows": [w["name"] for w in windows], "size": size,
             "classifier": {k2: c[k2] for k2 in ("arch", "lstm_hidden", "lstm_layers")},

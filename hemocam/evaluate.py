@@ -8,7 +8,7 @@ Methods (each skipped for a scan whose output file is absent):
   segmenter's training targets), when the run trains with ``segmenter.self_training: n``;
 - ``segmenter``    ``R/segmentation`` (the weakly supervised U-Net);
 - ``hu_threshold`` a no-learning baseline: ``hu_baseline_min <= HU <= hu_baseline_max`` inside the
-  brain mask, components smaller than ``evaluate.min_component_voxels`` removed;
+  brain mask, components of less than ``evaluate.min_component_ml`` removed;
 - ``upper_bound``  ``R/segmentation_gt`` (the same U-Net trained on ground truth), when present.
 
 Metrics are those of :mod:`hemocam.metrics` (Dice both-empty = 1, HD95 nan when a mask is empty,
@@ -25,21 +25,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from hemocam.io import load_nifti, read_tsv, write_tsv
+from hemocam.io import load_nifti, read_tsv, voxel_spacing, write_tsv
 from hemocam.metrics import remove_small_components, score_volume
+from hemocam.settings import check_renamed
 
 log = logging.getLogger("hemocam")
 
 METHODS = ("cam", "pseudomask", "self_training", "segmenter", "hu_threshold", "upper_bound")
 COLUMNS = ["scan_id", "split", "method", "positive", "dice", "hd95_mm", "vol_pred_ml", "vol_true_ml", "rvd", "dice2d"]
-DEFAULTS = {"cam_threshold": 0.5, "hu_baseline_min": 50, "hu_baseline_max": 90, "min_component_voxels": 20}
+DEFAULTS = {"cam_threshold": 0.5, "hu_baseline_min": 50, "hu_baseline_max": 90, "min_component_ml": 0.35}
 
 
-def _method_masks(scan_id: str, R: Path, cfg: dict, hu, brain, self_training_target: str = ""):
+def _method_masks(scan_id: str, R: Path, cfg: dict, hu, spacing, brain, self_training_target: str = ""):
     """Yield (method, predicted mask) for every method whose output exists for this scan."""
     cam_path = R / "cam" / f"{scan_id}.nii.gz"
     if cam_path.exists():
@@ -54,7 +54,7 @@ def _method_masks(scan_id: str, R: Path, cfg: dict, hu, brain, self_training_tar
         if p.exists():
             yield method, load_nifti(p)[0] > 0
     hu_mask = (hu >= float(cfg["hu_baseline_min"])) & (hu <= float(cfg["hu_baseline_max"])) & brain
-    yield "hu_threshold", remove_small_components(hu_mask, int(cfg["min_component_voxels"]))
+    yield "hu_threshold", remove_small_components(hu_mask, float(cfg["min_component_ml"]), spacing)
     p = R / "segmentation_gt" / f"{scan_id}.nii.gz"
     if p.exists():
         yield "upper_bound", load_nifti(p)[0] > 0
@@ -71,11 +71,11 @@ def evaluate_scan(scan_id: str, split: str, results_dir, cfg_eval: dict | None =
         return []
     gt = load_nifti(gt_path)[0] > 0
     nifti = R / "nifti" / f"{scan_id}.nii.gz"
-    hu, _ = load_nifti(nifti)
-    spacing = tuple(float(s) for s in nib.load(nifti).header.get_zooms()[:3])
+    hu, affine = load_nifti(nifti)
+    spacing = voxel_spacing(affine)
     brain = load_nifti(R / "brainmask" / f"{scan_id}.nii.gz")[0] > 0
     rows = []
-    for method, pred in _method_masks(scan_id, R, cfg, hu, brain, self_training_target):
+    for method, pred in _method_masks(scan_id, R, cfg, hu, spacing, brain, self_training_target):
         if pred.shape != gt.shape:
             log.warning("evaluate: %s %s has shape %s, ground truth %s: skipped", scan_id, method, pred.shape, gt.shape)
             continue
@@ -114,6 +114,7 @@ def evaluate(scans_tsv, results_dir, cfg: dict, out_tsv, summary_tsv, self_train
     ``self_training_target``: see :func:`evaluate_scan`.
     """
     cfg_eval = cfg.get("evaluate", cfg) if isinstance(cfg, dict) else {}
+    check_renamed({"evaluate": cfg_eval})  # before the per-scan loop, which logs and skips errors
     scans = read_tsv(scans_tsv, dtype={"scan_id": str})
     scans = scans[scans["status"] == "ok"]
     rows = []

@@ -102,6 +102,11 @@ def load_nifti(path, dtype=None):
     return array, img.affine.copy()
 
 
+def voxel_spacing(affine) -> tuple[float, float, float]:
+    """Voxel size (mm) along the array's three axes: the lengths of the affine's columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0))
+
+
 def write_tsv(df: pd.DataFrame, path, **kwargs):
     with atomic_path(path) as tmp:
         df.to_csv(tmp, sep="\t", index=False, **kwargs)

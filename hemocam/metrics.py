@@ -103,9 +103,14 @@ def score_volume(pred, gt, spacing) -> dict:
     }
 
 
-def remove_small_components(mask, min_voxels: int, connectivity: int = 1) -> np.ndarray:
-    """Drop connected components smaller than ``min_voxels`` (3D, face connectivity by default)."""
+def remove_small_components(mask, min_ml: float, spacing, connectivity: int = 1) -> np.ndarray:
+    """Drop connected components of less than ``min_ml`` millilitres (3D, face connectivity by
+    default); ``spacing``: voxel size in mm. A volume, not a voxel count: the same setting removes
+    the same specks from a 0.5 mm and a 2 mm grid."""
     m = _as_bool(mask)
+    voxel_mm3 = float(np.prod([float(s) for s in spacing[:3]]))
+    # a component is kept at exactly min_ml (the float product must not decide that)
+    min_voxels = float(min_ml) * 1000.0 / voxel_mm3 - 1e-6
     if min_voxels <= 1 or not m.any():
         return m
     lab, n = ndimage.label(m, structure=ndimage.generate_binary_structure(m.ndim, connectivity))

@@ -20,8 +20,8 @@ For one scan, on the NIfTI grid (all inputs are already there):
 5. **clean-up** — per-slice hole filling (``fill_holes``: clots are heterogeneous and the HU
    window punches holes into them); voxels within ``bone_margin_mm`` (in-plane, Euclidean) of
    bone (HU > ``bone_hu``) dropped: the scanner blurs the inner table into its neighbours, so on
-   every slice a rim along the skull reads blood-like HU; then 3-D connected components smaller
-   than ``min_component_voxels`` removed; last, the surviving components take back the dropped
+   every slice a rim along the skull reads blood-like HU; then 3-D connected components of less
+   than ``min_component_ml`` millilitres removed; last, the surviving components take back the dropped
    margin voxels within ``bone_regrow_mm`` of them (in-plane 4-connected steps of one voxel): a
    bleed against the skull keeps its outer layer, a rim with no bleed behind it stays out.
 
@@ -68,8 +68,9 @@ from scipy import ndimage
 
 from hemocam.batch import run_batch
 from hemocam.brainmask import IN_PLANE
-from hemocam.io import InputError, load_nifti, read_tsv, save_nifti
+from hemocam.io import InputError, load_nifti, read_tsv, save_nifti, voxel_spacing
 from hemocam.metrics import remove_small_components
+from hemocam.settings import check_renamed
 from hemocam.stamps import MODEL_LIBRARIES, file_stamps, stamps_folder
 
 log = logging.getLogger("hemocam")
@@ -82,7 +83,7 @@ DEFAULTS = {
     "n_clusters": 3,  # k-means classes in the CAM region: CSF/oedema, parenchyma, blood
     "refine_min_hu": 0,  # soft-tissue values the refinement is fitted on: refine_min_hu..hu_max
     "cam_mode": "region",  # region | component
-    "min_component_voxels": 20,  # smaller 3-D components are noise
+    "min_component_ml": 0.35,  # smaller 3-D components are noise (about 20 voxels of the demo's grid)
     "prob_threshold": 0.5,  # slice gate from classifier probabilities on unlabelled cohorts
     "fill_holes": True,
     "bone_hu": 200,  # above: bone (the inner table), whose blurred edge mimics blood
@@ -90,20 +91,8 @@ DEFAULTS = {
     "bone_regrow_mm": 2.0,  # how far surviving components take back dropped margin voxels; 0: none
 }
 
-# keys replaced by millimetre ones (2026-11-30): a config that still sets them would be ignored
-RENAMED = {"bone_margin": "bone_margin_mm", "bone_regrow": "bone_regrow_mm"}
-
-
-def check_renamed(cfg_pm: dict | None) -> None:
-    """Refuse a key that a millimetre one replaced, naming the new key."""
-    for old, new in RENAMED.items():
-        if old in (cfg_pm or {}):
-            raise ValueError(f"pseudomask.{old} (voxels) is now pseudomask.{new} (millimetres; 2.0 is one voxel of "
-                             f"the demo's 1.7-1.95 mm pixels): rename it in your config")
-
-
 def _cfg(cfg_pm: dict | None) -> dict:
-    check_renamed(cfg_pm)
+    check_renamed({"pseudomask": cfg_pm})
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in (cfg_pm or {}).items() if v is not None})
     if cfg["refine"] not in ("kmeans", "otsu", "none"):
@@ -170,9 +159,10 @@ def bone_margin(hu, bone_hu: float, margin_mm: float, spacing, slices=None) -> n
     return out
 
 
-def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None, spacing=(1.0, 1.0)) -> np.ndarray:
+def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
     """The pseudo-mask (bool, like ``hu``) from arrays on one grid; slices are axis 2;
-    ``spacing``: in-plane voxel size (mm) of axes 0 and 1, for the bone margin."""
+    ``spacing``: voxel size (mm) of axes 0, 1 and 2: the bone margin is in-plane (axes 0 and 1),
+    the smallest component a volume."""
     cfg = _cfg(cfg_pm)
     hu = np.asarray(hu, dtype=np.float32)
     if not (hu.shape == np.shape(cam) == np.shape(brain)):
@@ -194,13 +184,16 @@ def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None
             # holes are filled only inside the region: no leaking into the brain
             keep[:, :, z] = ndimage.binary_fill_holes(keep[:, :, z]) & region[:, :, z]
     dropped = None
-    spacing = tuple(float(s) for s in spacing[:2])
+    if len(spacing) != 3:
+        raise ValueError(f"spacing: the voxel size along three axes (mm), got {spacing!r}")
+    spacing = tuple(float(s) for s in spacing)
+    in_plane = spacing[:2]
     if float(cfg["bone_margin_mm"]) > 0 and keep.any():
-        margin = bone_margin(hu, cfg["bone_hu"], cfg["bone_margin_mm"], spacing, np.flatnonzero(keep.any(axis=(0, 1))))
+        margin = bone_margin(hu, cfg["bone_hu"], cfg["bone_margin_mm"], in_plane, np.flatnonzero(keep.any(axis=(0, 1))))
         dropped = keep & margin
         keep &= ~margin
-    keep = remove_small_components(keep, int(cfg["min_component_voxels"]))
-    steps = int(np.floor(float(cfg["bone_regrow_mm"]) / min(spacing) + 1e-6))
+    keep = remove_small_components(keep, float(cfg["min_component_ml"]), spacing)
+    steps = int(np.floor(float(cfg["bone_regrow_mm"]) / min(in_plane) + 1e-6))
     if dropped is not None and steps > 0 and keep.any() and dropped.any():
         # a bleed against the skull gets its outer layer back; a rim with no bleed behind it does not
         keep |= ndimage.binary_dilation(keep, IN_PLANE, steps, mask=keep | dropped)
@@ -247,8 +240,7 @@ def pseudomask_scan(scan_id: str, results_dir, cfg_pm: dict | None, labelled: bo
         if arr.shape != hu.shape:
             raise InputError(f"{R / name / f'{scan_id}.nii.gz'}: shape {arr.shape} differs from the CT {hu.shape}")
     pos = positive_slices(scan_id, R, hu.shape[2], labelled, cfg["prob_threshold"])
-    spacing = np.linalg.norm(np.asarray(affine, float)[:3, :2], axis=0)
-    mask = build_pseudomask(hu, cam, brain, pos, cfg, spacing)
+    mask = build_pseudomask(hu, cam, brain, pos, cfg, voxel_spacing(affine))
     out = Path(out_dir) if out_dir is not None else R / "pseudomask"
     save_nifti(mask.astype(np.uint8), affine, out / f"{scan_id}.nii.gz", dtype=np.uint8)
     return {"positive_slices": int(len(pos)), "pseudomask_voxels": int(mask.sum())}

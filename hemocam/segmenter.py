@@ -36,7 +36,7 @@ from hemocam.metrics import remove_small_components
 from hemocam.models.unet import UNet, in_channels_for
 from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
 from hemocam.pseudomask import positive_slices, slice_gate_path
-from hemocam.settings import SEGMENTER_OUTPUT_KEYS, SELF_TRAINING_TARGET, segmenter_training
+from hemocam.settings import SEGMENTER_OUTPUT_KEYS, SELF_TRAINING_TARGET, check_renamed, segmenter_training
 from hemocam.stamps import MODEL_LIBRARIES, file_sig, file_stamps, stamps_folder
 from hemocam.train import amp_dtype, autocast, fit, make_loader, run_key, seed_everything, select_device, EpochSampler
 
@@ -69,7 +69,7 @@ DEFAULTS = {
     "noise": 0.02,
     "dice_weight": 1.0,  # loss = BCE + dice_weight * soft Dice
     "threshold": 0.5,  # probability -> mask
-    "min_component_voxels": 20,  # smaller 3-D components dropped from the binary output
+    "min_component_ml": 0.35,  # smaller 3-D components dropped from the binary output
     # output voxels must be hyperdense: pseudo-masks hold only pseudomask.hu_min..hu_max voxels, but
     # the network smooths their edges into brain tissue; a margin below hu_min keeps partial volume
     "hu_min": 40,
@@ -80,6 +80,7 @@ DEFAULTS = {
 
 
 def seg_cfg(cfg_seg: dict | None) -> dict:
+    check_renamed({"segmenter": cfg_seg})
     out = dict(DEFAULTS)
     out.update({k: v for k, v in (cfg_seg or {}).items() if v is not None})
     return out
@@ -451,6 +452,7 @@ def predict_scan_probs(model, meta_b: dict, cache: np.ndarray, device, batch: in
 
 def output_config(output: dict | None) -> dict:
     """The output settings (:data:`hemocam.settings.SEGMENTER_OUTPUT_KEYS`), defaults filled in."""
+    check_renamed({"segmenter": output})
     return {k: (output or {}).get(k, DEFAULTS[k]) for k in SEGMENTER_OUTPUT_KEYS}
 
 
@@ -475,7 +477,7 @@ def predict_mask(scan_id, results_dir, model, meta_b, device, output: dict | Non
     if hu.shape != mask.shape:
         raise InputError(f"{R / 'nifti' / f'{scan_id}.nii.gz'}: shape {hu.shape} differs from the scan {mask.shape}")
     mask &= (hu >= float(o["hu_min"])) & (hu <= float(o["hu_max"]))
-    return prob_xyz, remove_small_components(mask, int(o["min_component_voxels"])), meta
+    return prob_xyz, remove_small_components(mask, float(o["min_component_ml"]), meta["spacing"]), meta
 
 
 def _ml(mask, meta) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 # applied to the segmenter's probabilities when a scan is segmented: the segment rule's params
-SEGMENTER_OUTPUT_KEYS = ("min_component_voxels", "hu_min", "hu_max", "tta_flip", "infer_batch")
+SEGMENTER_OUTPUT_KEYS = ("min_component_ml", "hu_min", "hu_max", "tta_flip", "infer_batch")
 # ``threshold`` is not one of them: validation Dice, and so the kept epoch, depend on it
 
 # the classifier's test-time flip shapes its test metrics and slice probabilities, not its weights
@@ -24,6 +24,24 @@ EXECUTION_KEYS = ("num_workers",)
 # whether the upper-bound segmenter is trained at all, and how many self-training rounds precede
 # the final one: no setting of any one model (a round's target is its rule's own param)
 SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training")
+
+
+# keys replaced by physical units (2026-11-30): a config that still set them would be ignored.
+# (section, old key) -> (new key, what changed)
+RENAMED = {
+    ("pseudomask", "bone_margin"): ("bone_margin_mm", "voxels -> millimetres; 2.0 is one voxel of the demo's 1.7-1.95 mm pixels"),
+    ("pseudomask", "bone_regrow"): ("bone_regrow_mm", "voxels -> millimetres; 2.0 is one voxel of the demo's 1.7-1.95 mm pixels"),
+    **{(section, "min_component_voxels"): ("min_component_ml", "voxels -> millilitres; 0.35 is about 20 voxels of the demo's "
+                                                               "14.8-19 mm3 voxels")
+       for section in ("pseudomask", "segmenter", "evaluate")},
+}
+
+
+def check_renamed(config: dict | None) -> None:
+    """Refuse a key that a physical-unit one replaced, naming the new key (ValueError)."""
+    for (section, old), (new, why) in RENAMED.items():
+        if old in ((config or {}).get(section) or {}):
+            raise ValueError(f"{section}.{old} is now {section}.{new} ({why}): rename it in your config")
 
 
 # the names self_training_target gives rounds k >= 1

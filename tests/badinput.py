@@ -359,7 +359,7 @@ def tiny_config(seed=7, epochs=2, seg_epochs=2) -> dict:
         "cam": {"method": "gradcam", "layer": "layer2", "label": "any", "per_subtype": False},
         # a low CAM threshold and no clustering: pseudo-masks that are not empty after 2 epochs
         "pseudomask": {"cam_threshold": 0.2, "hu_min": 45, "hu_max": 95, "refine": "none",
-                       "min_component_voxels": 2, "prob_threshold": 0.5},
+                       "min_component_ml": 0.2, "prob_threshold": 0.5},
         "segmenter": {"encoder": "plain", "base_channels": 8, "context_slices": 1, "epochs": seg_epochs,
                       "batch_size": 8, "lr": 1e-3, "patience": 10, "num_workers": 0, "amp": False,
                       "samples_per_epoch": 16},

@@ -282,12 +282,14 @@ def test_bad_config_refused_naming_the_key(tmp_path, overlay, needles):
     _refused(proc, tmp_path / "run", "Error validating config file", *needles)
 
 
-def test_a_renamed_key_is_refused_with_its_new_name(tmp_path):
+@pytest.mark.parametrize("section, old, new", [("pseudomask", "bone_margin", "bone_margin_mm (voxels -> millimetres"),
+                                              ("segmenter", "min_component_voxels", "min_component_ml (voxels -> millilitres")])
+def test_a_renamed_key_is_refused_with_its_new_name(tmp_path, section, old, new):
     cohort = tmp_path / "cohort"
     (cohort / "dicom").mkdir(parents=True)
-    cfg = {**rsna_config(cohort), "pseudomask": {"bone_margin": 1}}
+    cfg = {**rsna_config(cohort), section: {old: 1}}
     proc = snakemake(tmp_path / "run", cfg, "ingest", check=False)
-    _refused(proc, tmp_path / "run", "pseudomask.bone_margin (voxels) is now pseudomask.bone_margin_mm (millimetres")
+    _refused(proc, tmp_path / "run", f"{section}.{old} is now {section}.{new}")
 
 
 # ----------------------------------------------------------------------------- nothing usable

@@ -9,7 +9,7 @@ from hemocam.io import read_tsv, save_nifti, write_tsv
 
 AFF = np.diag([1.0, 1.0, 2.0, 1.0])
 SHAPE = (10, 10, 4)
-CFG = {"evaluate": {"cam_threshold": 0.5, "hu_baseline_min": 50, "hu_baseline_max": 90, "min_component_voxels": 2}}
+CFG = {"evaluate": {"cam_threshold": 0.5, "hu_baseline_min": 50, "hu_baseline_max": 90, "min_component_ml": 0.004}}
 
 
 def put(R, folder, sid, arr, dtype):
@@ -26,7 +26,7 @@ def results(tmp_path):
     gt[2:5, 2:5, 1] = 1
     hu = np.where(brain > 0, 20, -1000).astype(np.int16)
     hu[gt > 0] = 70
-    hu[7, 7, 2] = 70  # a lone hyperdense voxel: removed by min_component_voxels
+    hu[7, 7, 2] = 70  # a lone hyperdense voxel (0.002 mL): removed by min_component_ml
     hu[0, 0, 0] = 70  # outside the brain
     cam = np.where(gt > 0, 0.6, 0.4).astype(np.float32)
     cam[0, :, :] = 0.9  # outside the brain
@@ -103,3 +103,12 @@ def test_evaluate_without_ground_truth(tmp_path):
     evaluate(tmp_path / "scans.tsv", tmp_path, CFG, tmp_path / "t.tsv", tmp_path / "s.tsv")
     assert read_tsv(tmp_path / "t.tsv").empty
     assert (tmp_path / "s.tsv").exists()
+
+
+def test_the_old_voxel_count_is_refused_not_skipped_scan_by_scan(results):
+    """Per-scan errors are logged and skipped; a renamed key must stop the whole evaluation."""
+    R = results
+    old = {"evaluate": {**CFG["evaluate"], "min_component_voxels": 2}}
+    with pytest.raises(ValueError, match="evaluate.min_component_voxels is now evaluate.min_component_ml"):
+        evaluate(R / "scans.tsv", R, old, R / "t.tsv", R / "s.tsv")
+    assert not (R / "t.tsv").exists()

@@ -120,7 +120,18 @@ def test_remove_small_components():
     m[6, 7, 6] = 1  # 2 voxels
     m[8, 8, 8] = 1
     m[9, 9, 9] = 1  # only diagonal neighbours: two 1-voxel components under face connectivity
-    out = metrics.remove_small_components(m, 3)
+    out = metrics.remove_small_components(m, 0.003, (1, 1, 1))  # 3 voxels of 1 mm3
     assert out.sum() == 27 and out[1, 1, 1]
-    assert metrics.remove_small_components(m, 2).sum() == 29
-    assert metrics.remove_small_components(m, 0).sum() == m.sum()
+    assert metrics.remove_small_components(m, 0.002, (1, 1, 1)).sum() == 29  # kept at exactly 2 voxels
+    assert metrics.remove_small_components(m, 0, (1, 1, 1)).sum() == m.sum()
+
+
+def test_small_components_are_a_volume_whatever_the_grid():
+    """The same 0.1 mL leaves a 27-voxel component of 4 mm3 voxels (0.108 mL) and removes it at 1 mm3."""
+    m = vol((10, 10, 10))
+    m[0:3, 0:3, 0:3] = 1
+    assert metrics.remove_small_components(m, 0.1, (2.0, 2.0, 1.0)).sum() == 27
+    assert metrics.remove_small_components(m, 0.1, (1.0, 1.0, 1.0)).sum() == 0
+    # 0.35 mL on the demo's largest voxels (1.95 x 1.95 x 5 mm) and a 0.49 x 0.49 x 5 mm head CT
+    assert metrics.remove_small_components(m, 0.35, (1.95, 1.95, 5.0)).sum() == 27  # 0.51 mL
+    assert metrics.remove_small_components(m, 0.35, (0.49, 0.49, 5.0)).sum() == 0  # 0.03 mL

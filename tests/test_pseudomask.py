@@ -9,7 +9,7 @@ from hemocam import pseudomask as pm
 from hemocam.io import InputError, load_nifti, read_tsv, save_nifti, write_tsv
 
 CFG = {"cam_threshold": 0.3, "hu_min": 45, "hu_max": 95, "refine": "kmeans", "n_clusters": 3, "cam_mode": "region",
-       "min_component_voxels": 5, "prob_threshold": 0.5, "fill_holes": True,
+       "min_component_ml": 0.005, "prob_threshold": 0.5, "fill_holes": True,
        "bone_margin_mm": 1.0, "bone_regrow_mm": 1.0}  # the phantom's voxels are 1 mm: one voxel each
 
 
@@ -78,7 +78,7 @@ def test_small_components_removed_and_holes_filled():
     assert m[8:10, 8:10, 2].all()
     m2 = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "fill_holes": False})
     assert not m2[8:10, 8:10, 2].any()
-    assert not pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "min_component_voxels": 100}).any()
+    assert not pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "min_component_ml": 0.1}).any()
 
 
 def test_helpers():
@@ -159,7 +159,7 @@ def test_component_mode_keeps_whole_bleeds_the_cam_touches():
     cam[6:8, 6:8, 2] = 0.8  # the CAM only touches a corner of the first bleed
     region = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG)
     comp = pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "cam_mode": "component"})
-    assert region.sum() == 0  # 4 voxels inside the region: below min_component_voxels
+    assert region.sum() == 0  # 4 voxels (mL) inside the region: below min_component_ml
     assert comp[6:12, 6:12, 2:4].all() and comp.sum() == 72  # the whole bleed, not the other one
     with pytest.raises(ValueError, match="cam_mode"):
         pm.build_pseudomask(hu, cam, brain, [2], {**CFG, "cam_mode": "blob"})
@@ -219,15 +219,15 @@ def test_the_bone_margin_is_measured_in_millimetres():
     fine = [np.repeat(np.repeat(a, 2, 0), 2, 1) for a in (hu, cam, brain)]
     up = lambda m: np.repeat(np.repeat(m, 2, 0), 2, 1)  # noqa: E731
     cfg = {**CFG, "bone_regrow_mm": 0}
-    coarse = pm.build_pseudomask(hu, cam, brain, [2, 3], cfg, spacing=(1.0, 1.0))
-    half = pm.build_pseudomask(*fine, [2, 3], cfg, spacing=(0.5, 0.5))
+    coarse = pm.build_pseudomask(hu, cam, brain, [2, 3], cfg, spacing=(1.0, 1.0, 1.0))
+    half = pm.build_pseudomask(*fine, [2, 3], cfg, spacing=(0.5, 0.5, 1.0))
     assert coarse.sum() == 3 * 6 * 2 and np.array_equal(half, up(coarse))
     # counted in voxels, one voxel of 0.5 mm would leave half the rim in
-    thin = pm.build_pseudomask(*fine, [2, 3], {**cfg, "bone_margin_mm": 0.5}, spacing=(0.5, 0.5))
+    thin = pm.build_pseudomask(*fine, [2, 3], {**cfg, "bone_margin_mm": 0.5}, spacing=(0.5, 0.5, 1.0))
     assert thin[7, 7:41, 2:4].all() and thin.sum() > half.sum()
     # 1 mm of regrowth: one step of 1 mm, two of 0.5 mm (the second also one voxel along the rim)
-    coarse = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG, spacing=(1.0, 1.0))
-    half = pm.build_pseudomask(*fine, [2, 3], CFG, spacing=(0.5, 0.5))
+    coarse = pm.build_pseudomask(hu, cam, brain, [2, 3], CFG, spacing=(1.0, 1.0, 1.0))
+    half = pm.build_pseudomask(*fine, [2, 3], CFG, spacing=(0.5, 0.5, 1.0))
     assert coarse[3:7, 14:20, 2:4].all() and coarse.sum() == 4 * 6 * 2
     assert (half >= up(coarse)).all() and half[7, [27, 40], 2:4].all() and half.sum() == up(coarse).sum() + 2 * 2
     # the margin is a Euclidean distance within the slice: diagonal neighbours are further away
@@ -242,3 +242,7 @@ def test_the_old_voxel_keys_are_refused_with_their_new_names():
     hu, cam, brain = _against_the_skull()
     with pytest.raises(ValueError, match="bone_margin_mm"):
         pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "bone_margin": 1})
+    with pytest.raises(ValueError, match="pseudomask.min_component_ml"):
+        pm.build_pseudomask(hu, cam, brain, [2, 3], {**CFG, "min_component_voxels": 20})
+    with pytest.raises(ValueError, match="three axes"):
+        pm.build_pseudomask(hu, cam, brain, [2, 3], CFG, spacing=(1.0, 1.0))

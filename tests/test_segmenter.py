@@ -15,7 +15,7 @@ from hemocam.settings import SEGMENTER_OUTPUT_KEYS, self_training_target
 
 WINDOWS = [{"name": "brain", "center": 40, "width": 80}, {"name": "subdural", "center": 80, "width": 200}]
 SEG = {"encoder": "plain", "base_channels": 4, "context_slices": 1, "epochs": 2, "batch_size": 4, "lr": 1e-3,
-       "patience": 5, "num_workers": 0, "amp": True, "samples_per_epoch": 8, "min_component_voxels": 0}
+       "patience": 5, "num_workers": 0, "amp": True, "samples_per_epoch": 8, "min_component_ml": 0}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
     seg.train_segmenter(cfg3, R / "scans.tsv", R, "pseudomask", bundle, hist)
     assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 2  # epoch 3 only
     # output settings (HU gate, flip, components) train nothing
-    out_only = {"hu_min": 30, "hu_max": 100, "tta_flip": False, "min_component_voxels": 5, "infer_batch": 4}
+    out_only = {"hu_min": 30, "hu_max": 100, "tta_flip": False, "min_component_ml": 0.5, "infer_batch": 4}
     counted["n"] = 0
     seg.train_segmenter({**cfg3, "segmenter": {**cfg3["segmenter"], **out_only}}, R / "scans.tsv", R, "pseudomask",
                         bundle, hist)
@@ -228,7 +228,7 @@ def test_segment_output_keeps_hyperdense_voxels_only(cohort, tmp_path):
     meta_b = {"context": 1, "size": 32, "windows": WINDOWS, "model": {"in_channels": 6}, "threshold": 0.5,
               "config": {"amp": False}}
     cpu = torch.device("cpu")
-    out = {"min_component_voxels": 0, "tta_flip": False}
+    out = {"min_component_ml": 0, "tta_flip": False}
     seg.segment_scan(sid, R, tmp_path / "old", AllLesion(), meta_b, cpu, {**out, "hu_min": -1024, "hu_max": 3071})
     seg.segment_scan(sid, R, tmp_path / "gated", AllLesion(), meta_b, cpu, {**out, "hu_min": 40, "hu_max": 120})
     brain = load_nifti(R / "brainmask" / f"{sid}.nii.gz")[0] > 0
@@ -255,7 +255,7 @@ def test_self_training_targets_are_the_masks_on_gated_slices(cohort, tmp_path):
     model = AllLesion()
     meta_b = {"context": 1, "size": 32, "windows": WINDOWS, "model": {"in_channels": 6}, "threshold": 0.5,
               "config": {"amp": False}}
-    out = {"min_component_voxels": 0, "tta_flip": False, "hu_min": 40, "hu_max": 120}
+    out = {"min_component_ml": 0, "tta_flip": False, "hu_min": 40, "hu_max": 120}
     cpu = torch.device("cpu")
     seg.segment_scan(sid, R, tmp_path / "seg", model, meta_b, cpu, out)
     mask = load_nifti(tmp_path / "seg" / f"{sid}.nii.gz")[0] > 0

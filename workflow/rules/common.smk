@@ -23,11 +23,15 @@ os.environ.update(
 
 validate(config, "../schemas/config.schema.yaml")
 
-from hemocam.pseudomask import check_renamed
-from hemocam.settings import segmenter_output, segmenter_training, self_training_target
+from hemocam.settings import (
+    check_renamed,
+    segmenter_output,
+    segmenter_training,
+    self_training_target,
+)
 
 try:
-    check_renamed(config.get("pseudomask"))
+    check_renamed(config)
 except ValueError as exc:
     raise WorkflowError(f"hemocam: {exc}") from None
 
