@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hemocam.io import load_nifti  # noqa: E402
+from hemocam.io import load_nifti, voxel_spacing  # noqa: E402
 from hemocam.pseudomask import DEFAULTS  # noqa: E402
 
 R = Path(sys.argv[1])
@@ -52,7 +52,7 @@ pooled = ([[] for _ in EDGES[:-1]], [0], [0] * len(MARGINS))
 for sid in ids:
     hu, affine = load_nifti(R / "nifti" / f"{sid}.nii.gz")
     hu = hu.astype(np.float32)
-    spacing = tuple(np.linalg.norm(np.asarray(affine, float)[:3, :2], axis=0))
+    spacing = voxel_spacing(affine)[:2]
     brain = load_nifti(R / "brainmask" / f"{sid}.nii.gz")[0] > 0
     gt = R / "masks" / f"{sid}.nii.gz"
     if gt.exists():

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hemocam.evaluate import DEFAULTS  # noqa: E402
 from hemocam.io import load_nifti, voxel_spacing  # noqa: E402
 from hemocam.metrics import remove_small_components  # noqa: E402
-from hemocam.pseudomask import DEFAULTS as PM  # noqa: E402
+from hemocam.pseudomask import DEFAULTS as PM, bone_margin  # noqa: E402
 
 R = Path(sys.argv[1])
 LO, HI, MIN_ML = float(DEFAULTS["hu_baseline_min"]), float(DEFAULTS["hu_baseline_max"]), float(DEFAULTS["min_component_ml"])
@@ -39,9 +39,6 @@ for path in sorted((R / "brainmask").glob("*.nii.gz")):
         kept = remove_small_components(hyper, ml, spacing)
         print(f"  components of at least {name} ({ml:.3f} mL, {ml / voxel_ml:.0f} voxels): "
               f"{ndimage.label(kept)[1]} left, {kept.sum() * voxel_ml:.1f} mL")
-    bone = hu > float(PM["bone_hu"])
-    near = np.zeros_like(hyper)
-    for z in np.flatnonzero(bone.any(axis=(0, 1))):
-        near[:, :, z] = ndimage.distance_transform_edt(~bone[:, :, z], sampling=spacing[:2]) <= 3.0
+    near = bone_margin(hu, PM["bone_hu"], 3.0, spacing[:2])
     kept = remove_small_components(hyper, MIN_ML, spacing)
     print(f"  of what {MIN_ML} mL leaves, {(kept & near).sum() * voxel_ml:.1f} mL lie within 3 mm of bone (in-plane)")

@@ -91,6 +91,7 @@ DEFAULTS = {
     "bone_regrow_mm": 2.0,  # how far surviving components take back dropped margin voxels; 0: none
 }
 
+
 def _cfg(cfg_pm: dict | None) -> dict:
     check_renamed({"pseudomask": cfg_pm})
     cfg = dict(DEFAULTS)
@@ -167,6 +168,10 @@ def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None
     hu = np.asarray(hu, dtype=np.float32)
     if not (hu.shape == np.shape(cam) == np.shape(brain)):
         raise ValueError(f"grids differ: hu {hu.shape}, cam {np.shape(cam)}, brain {np.shape(brain)}")
+    if len(spacing) != 3:
+        raise ValueError(f"spacing: the voxel size along three axes (mm), got {spacing!r}")
+    spacing = tuple(float(s) for s in spacing)
+    in_plane = spacing[:2]
     gate = np.zeros(hu.shape[2], bool)
     gate[np.asarray(positive_slices, dtype=int)] = True
     cam = np.asarray(cam)
@@ -184,10 +189,6 @@ def build_pseudomask(hu, cam, brain, positive_slices, cfg_pm: dict | None = None
             # holes are filled only inside the region: no leaking into the brain
             keep[:, :, z] = ndimage.binary_fill_holes(keep[:, :, z]) & region[:, :, z]
     dropped = None
-    if len(spacing) != 3:
-        raise ValueError(f"spacing: the voxel size along three axes (mm), got {spacing!r}")
-    spacing = tuple(float(s) for s in spacing)
-    in_plane = spacing[:2]
     if float(cfg["bone_margin_mm"]) > 0 and keep.any():
         margin = bone_margin(hu, cfg["bone_hu"], cfg["bone_margin_mm"], in_plane, np.flatnonzero(keep.any(axis=(0, 1))))
         dropped = keep & margin
