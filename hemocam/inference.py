@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# the bundle kinds each model.<role> accepts (an ensemble, as the CPU preset trains, is a classifier)
-KINDS = {"classifier": ("resnet_lstm", "resnet_lstm_ensemble"), "segmenter": ("unet",)}
+# the bundle kinds each model.<role> accepts (an ensemble of classifiers or of U-Nets is one model)
+KINDS = {"classifier": ("resnet_lstm", "resnet_lstm_ensemble"), "segmenter": ("unet", "unet_ensemble")}
 
 
 class BundleMismatch(ValueError):

@@ -33,7 +33,7 @@ from hemocam import distributed as hd
 from hemocam.batch import run_batch
 from hemocam.io import InputError, atomic_path, load_nifti, read_tsv, save_nifti, write_tsv
 from hemocam.metrics import remove_small_components
-from hemocam.models.unet import UNet, in_channels_for
+from hemocam.models.unet import UNet, UNetEnsemble, in_channels_for
 from hemocam.preprocess import cache_paths, from_original_grid, load_cache, to_original_grid
 from hemocam.pseudomask import positive_slices, slice_gate_path
 from hemocam.settings import SEGMENTER_OUTPUT_KEYS, SELF_TRAINING_TARGET, check_renamed, segmenter_training
@@ -333,12 +333,21 @@ def _versions():
             "python": platform.python_version()}
 
 
-def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, history_out, device=None) -> dict:
-    """Train the U-Net on ``target`` masks ("pseudomask" | "groundtruth") of the train split,
-    validate on the val split, write the bundle and history. ``cfg``: the config (``seed``,
-    ``segmenter``; ``preprocess`` optional). Checkpoints go to ``<bundle dir>/checkpoints`` so a
-    killed job resumes."""
+def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, history_out, device=None,
+                    members: int = 1) -> dict:
+    """Train the U-Net on ``target`` masks ("pseudomask" | "groundtruth" | "pseudomask_r{k}") of
+    the train split, validate on the val split, write the bundle and history. ``cfg``: the config
+    (``seed``, ``segmenter``; ``preprocess`` optional). Checkpoints go to ``<bundle dir>/checkpoints``
+    so a killed job resumes.
+
+    ``members`` > 1: an ensemble (:class:`hemocam.models.unet.UNetEnsemble`, bundle kind
+    ``unet_ensemble``). Member k trains like a single model with seed ``seed + k`` (checkpoints in
+    ``checkpoints/member{k}``); member 0 is the single model itself, so raising ``members`` keeps it.
+    """
     check_target(target)
+    members = int(members)
+    if members < 1:
+        raise ValueError(f"a segmenter needs at least 1 member, got {members}")
     sc = seg_cfg(cfg.get("segmenter"))
     seed = int(cfg.get("seed", 0))
     seed_everything(seed)
@@ -368,49 +377,66 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
     else:
         weights = np.ones(len(pos))
     n_draw = int(sc["samples_per_epoch"]) or len(train_ds)
-    sampler = EpochSampler(len(train_ds), seed=seed, weights=weights, num_samples=n_draw)
     bs = int(sc["batch_size"])
-    train_loader = make_loader(train_ds, bs, False, int(sc["num_workers"]), seed, dev, sampler=sampler, drop_last=n_draw > bs)
     val_loader, evaluate_fn = None, None
     if va[2]:
         val_ds = SliceDataset(va[0], va[1], va[2], k, None)
         val_loader = make_loader(val_ds, bs * 2, False, int(sc["num_workers"]), seed, dev)
         evaluate_fn = _evaluate_fn(len(va[0]), float(sc["threshold"]))
     n_ch = tr[6]
-    model = UNet(in_channels_for(n_ch, k), encoder=sc["encoder"], base=int(sc["base_channels"]), weights=sc["weights"])
-    log.info("segmenter (%s targets): %d train slices (%d with lesion) from %d scans, %d val slices from %d scans, "
-             "%s encoder, %d input channels, device %s", target, len(train_ds), int(pos.sum()), len(tr[0]), len(va[2]),
-             len(va[0]), sc["encoder"], model.in_channels, dev)
     bundle_out = Path(bundle_out)
     inputs = _training_inputs(results_dir, target, tr[3] + va[3])
-    result = fit(
-        model, train_loader, val_loader, loss_fn=_loss_fn(float(sc["dice_weight"])), evaluate_fn=evaluate_fn,
-        ckpt_dir=bundle_out.parent / "checkpoints", epochs=int(sc["epochs"]), lr=float(sc["lr"]),
-        weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]), amp=sc["amp"],
-        seed=seed, device=dev, higher_is_better=True,
-        # before 2026-11-29 the key held the output settings and the files' mtimes
-        run_key=tuple(run_key({**settings, "seed": seed, "target": target, "train": tr[3], "val": va[3]}, inputs,
-                              content=content)
-                      for settings, content in ((segmenter_training(sc), True), (sc, False))),
-    )
+    trained, records, histories = [], [], []
+    for member in range(members):
+        member_seed = seed + member
+        seed_everything(member_seed)
+        sampler = EpochSampler(len(train_ds), seed=member_seed, weights=weights, num_samples=n_draw)
+        train_loader = make_loader(train_ds, bs, False, int(sc["num_workers"]), member_seed, dev, sampler=sampler,
+                                   drop_last=n_draw > bs)
+        model = UNet(in_channels_for(n_ch, k), encoder=sc["encoder"], base=int(sc["base_channels"]), weights=sc["weights"])
+        log.info("segmenter (%s targets)%s: %d train slices (%d with lesion) from %d scans, %d val slices from %d scans, "
+                 "%s encoder, %d input channels, device %s", target,
+                 f" member {member + 1}/{members} (seed {member_seed})" if members > 1 else "", len(train_ds),
+                 int(pos.sum()), len(tr[0]), len(va[2]), len(va[0]), sc["encoder"], model.in_channels, dev)
+        ckpt_dir = bundle_out.parent / "checkpoints"
+        result = fit(
+            model, train_loader, val_loader, loss_fn=_loss_fn(float(sc["dice_weight"])), evaluate_fn=evaluate_fn,
+            ckpt_dir=ckpt_dir / f"member{member}" if member else ckpt_dir, epochs=int(sc["epochs"]),
+            lr=float(sc["lr"]), weight_decay=float(sc["weight_decay"]), patience=int(sc.get("patience") or sc["epochs"]),
+            amp=sc["amp"], seed=member_seed, device=dev, higher_is_better=True,
+            # before 2026-11-29 the key held the output settings and the files' mtimes
+            run_key=tuple(run_key({**settings, "seed": member_seed, "target": target, "train": tr[3], "val": va[3]},
+                                  inputs, content=content)
+                          for settings, content in ((segmenter_training(sc), True), (sc, False))),
+        )
+        trained.append(model)
+        records.append({"seed": member_seed, "epoch": int(result["best_epoch"]), "best_score": result["best_score"]})
+        h = pd.DataFrame(result["history"])
+        if members > 1:
+            h.insert(0, "stage", f"member {member + 1}")
+        histories.append(h)
+        if member == 0:
+            first = result
     if not hd.is_main():  # DDP: rank 0 writes the outputs
-        return result
+        return first
+    weights_of = [{kk: v.detach().cpu() for kk, v in m.state_dict().items()} for m in trained]
     bundle = {
-        "format": BUNDLE_FORMAT, "kind": "unet",
-        "model": {"in_channels": model.in_channels, "encoder": sc["encoder"], "base": int(sc["base_channels"])},
-        "state_dict": {kk: v.detach().cpu() for kk, v in model.state_dict().items()},
+        "format": BUNDLE_FORMAT, "kind": "unet" if members == 1 else "unet_ensemble",
+        "model": {"in_channels": trained[0].in_channels, "encoder": sc["encoder"], "base": int(sc["base_channels"])},
+        **({"state_dict": weights_of[0]} if members == 1 else {"state_dicts": weights_of, "members": records}),
         "arch": f"unet-{sc['encoder']}", "windows": tr[4], "size": int(tr[5]), "context": k,
         # the output settings (HU gate, small components, flip, inference batch) are not part of
         # the model: the segment rule applies the config's, so changing them retrains nothing
         "input_scale": 1.0 / 255.0, "target": target, "config": segmenter_training(sc),
         "threshold": float(sc["threshold"]), "versions": _versions(), "seed": seed, "world_size": hd.world_size(),
-        "epoch": int(result["best_epoch"]), "best_score": result["best_score"],
+        # an ensemble's bundle describes member 0 like a single model, its members in ``members``
+        "epoch": records[0]["epoch"], "best_score": records[0]["best_score"],
         "train_scans": len(tr[0]), "val_scans": len(va[0]),
     }
     with atomic_path(bundle_out) as tmp:
         torch.save(bundle, tmp)
-    write_tsv(pd.DataFrame(result["history"]), history_out)
-    return result
+    write_tsv(pd.concat(histories, ignore_index=True), history_out)
+    return {**first, "members": records}
 
 
 # ----------------------------------------------------------------------------- inference
@@ -420,15 +446,20 @@ def load_segmenter(path, device=None):
         b = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{path}: unreadable segmenter bundle ({type(exc).__name__}: {exc})") from exc
-    if b.get("kind") != "unet":
-        raise InputError(f"{path}: not a U-Net segmenter bundle (kind={b.get('kind')!r})")
-    model = UNet(**b["model"])
-    model.load_state_dict(b["state_dict"])
+    kind = b.get("kind")
+    if kind not in ("unet", "unet_ensemble"):
+        raise InputError(f"{path}: not a U-Net segmenter bundle (kind={kind!r})")
+    nets = []
+    for state in [b["state_dict"]] if kind == "unet" else b["state_dicts"]:
+        net = UNet(**b["model"])
+        net.load_state_dict(state)
+        nets.append(net)
+    model = nets[0] if len(nets) == 1 else UNetEnsemble(nets)
     dev = select_device(device)
     model.to(dev).eval()
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    return model, {k: v for k, v in b.items() if k != "state_dict"}, dev
+    return model, {k: v for k, v in b.items() if k not in ("state_dict", "state_dicts")}, dev
 
 
 @torch.no_grad()

@@ -21,9 +21,10 @@ CLASSIFIER_EVALUATION_KEYS = ("tta",)
 # all that follows, once on upgrade)
 EXECUTION_KEYS = ("num_workers",)
 
-# whether the upper-bound segmenter is trained at all, and how many self-training rounds precede
-# the final one: no setting of any one model (a round's target is its rule's own param)
-SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training")
+# whether the upper-bound segmenter is trained at all, how many self-training rounds precede the
+# final one and how many U-Nets each round averages: no setting of any one model (a round's
+# target and member count are its rule's own params; a member is its seed)
+SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training", "self_training_ensemble")
 
 
 # keys replaced by physical units (2026-11-30): a config that still set them would be ignored.

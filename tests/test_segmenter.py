@@ -156,6 +156,61 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
     assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 6  # all three epochs again
 
 
+def test_an_ensemble_round_keeps_its_first_member_and_averages_probabilities(cohort, monkeypatch):
+    """segmenter.self_training_ensemble: member k trains like one model with seed + k; member 0 is
+    the single model itself, so raising the count trains only the new members."""
+    R, scans = cohort
+    cfg = {"seed": 5, "segmenter": SEG}
+    bundle, hist = R / "segmenter_r0" / "model.pt", R / "segmenter_r0" / "history.tsv"
+    real = seg._loss_fn
+    counted = {"n": 0}
+
+    def counting(dice_weight):
+        inner = real(dice_weight)
+
+        def loss_fn(model, batch, device):
+            counted["n"] += 1
+            return inner(model, batch, device)
+
+        return loss_fn
+
+    monkeypatch.setattr(seg, "_loss_fn", counting)
+    seg.train_segmenter(cfg, R / "scans.tsv", R, "pseudomask", bundle, hist)
+    single = torch.load(bundle, weights_only=True)
+    assert single["kind"] == "unet" and counted["n"] == 4  # 2 epochs x 2 batches
+    counted["n"] = 0
+    res = seg.train_segmenter(cfg, R / "scans.tsv", R, "pseudomask", bundle, hist, members=2)
+    assert counted["n"] == 4  # member 2 only
+    b = torch.load(bundle, weights_only=True)
+    assert b["kind"] == "unet_ensemble" and "state_dict" not in b and len(b["state_dicts"]) == 2
+    assert [m["seed"] for m in b["members"]] == [5, 6] == [m["seed"] for m in res["members"]]
+    assert b["seed"] == 5 and b["epoch"] == single["epoch"] and b["target"] == "pseudomask"
+    assert all(torch.equal(v, single["state_dict"][k]) for k, v in b["state_dicts"][0].items())
+    assert not all(torch.equal(v, b["state_dicts"][0][k]) for k, v in b["state_dicts"][1].items())
+    h = read_tsv(hist)
+    assert list(h["stage"]) == ["member 1"] * 2 + ["member 2"] * 2 and list(h["epoch"]) == [1, 2, 1, 2]
+
+    model, meta_b, dev = seg.load_segmenter(bundle, "cpu")
+    assert isinstance(model, seg.UNetEnsemble) and "state_dicts" not in meta_b
+    sid = scans["scan_id"].iloc[0]
+    cache, _ = load_cache(*cache_paths(R, sid))
+    mean = np.mean([seg.predict_scan_probs(m, meta_b, cache, dev) for m in model.members], axis=0)
+    assert np.allclose(seg.predict_scan_probs(model, meta_b, cache, dev), mean, atol=1e-5)
+    df = seg.self_training_batch(bundle, list(scans["scan_id"]), R, R / "pseudomask_r1", R / "pseudomask_r1" / "batches"
+                                 / "0.tsv", labelled=True, output={"min_component_ml": 0})
+    assert (df["status"] == "ok").all()
+    for sid in scans["scan_id"]:
+        assert load_nifti(R / "pseudomask_r1" / f"{sid}.nii.gz")[0].dtype == np.uint8
+    # back to one model: member 0 again, nothing trained
+    counted["n"] = 0
+    seg.train_segmenter(cfg, R / "scans.tsv", R, "pseudomask", bundle, hist)
+    again = torch.load(bundle, weights_only=True)
+    assert counted["n"] == 0 and again["kind"] == "unet" and "stage" not in read_tsv(hist)
+    assert all(torch.equal(v, single["state_dict"][k]) for k, v in again["state_dict"].items())
+    with pytest.raises(ValueError, match="at least 1 member"):
+        seg.train_segmenter(cfg, R / "scans.tsv", R, "pseudomask", bundle, hist, members=0)
+
+
 def test_groundtruth_target_and_missing_targets(cohort, tmp_path, caplog):
     R, scans = cohort
     # no training scan with a target -> a clear error naming the file

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hemocam.models.unet import UNet, in_channels_for
+from hemocam.models.unet import UNet, UNetEnsemble, in_channels_for
 
 
 @pytest.mark.parametrize("encoder,context", [("plain", 0), ("plain", 1), ("plain", 2), ("resnet18", 1)])
@@ -37,3 +37,27 @@ def test_unet_trains_on_a_trivial_target():
 def test_unet_rejects_unknown_encoder():
     with pytest.raises(ValueError, match="encoder"):
         UNet(3, encoder="vgg99")
+
+
+def test_an_ensemble_predicts_its_members_mean_probability():
+    torch.manual_seed(0)
+    nets = [UNet(6, encoder="plain", base=4).eval() for _ in range(3)]
+    with torch.no_grad():  # members that disagree: confident either way, and unsure
+        for net, bias in zip(nets, (-4.0, 0.0, 3.0)):
+            net.head.bias.fill_(bias)
+    ens = UNetEnsemble(nets).eval()
+    assert ens.in_channels == 6
+    x = torch.randn(2, 6, 20, 24)
+    with torch.no_grad():
+        probs = torch.stack([torch.sigmoid(n(x)) for n in nets])
+        got = torch.sigmoid(ens(x))
+    assert got.shape == (2, 1, 20, 24)
+    assert torch.allclose(got, probs.mean(0), atol=1e-6)
+    # the mean of probabilities, not of logits: they differ where members disagree
+    with torch.no_grad():
+        logit_mean = torch.sigmoid(torch.stack([n(x) for n in nets]).mean(0))
+    assert not torch.allclose(got, logit_mean, atol=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        UNetEnsemble(nets[:1])
+    with pytest.raises(ValueError, match="input channels"):
+        UNetEnsemble([nets[0], UNet(3, encoder="plain", base=4)])

@@ -159,6 +159,23 @@ def test_segmenter_output_settings_rerun_inference_only(demo_run, tmp_path):
     assert "train_segmenter" not in jobs and "segment_batch" not in jobs and "train_classifier" not in jobs, jobs
 
 
+def test_a_larger_first_round_ensemble_retrains_the_rounds_only(demo_run, tmp_path):
+    # the tiny overlay's round 0 averages two U-Nets; a third one retrains round 0 (which keeps its
+    # members, test_segmenter) and the final model on the new targets, nothing upstream
+    overlay = tmp_path / "members.yaml"
+    overlay.write_text("segmenter:\n  self_training_ensemble: 3\n")
+    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
+    text = out.stdout + out.stderr
+    jobs = dry_run_jobs(text)
+    assert jobs.get("self_training_batch") and jobs.get("train_segmenter") == 2, jobs
+    assert not {"train_classifier", "cam_batch", "pseudomask_batch"} & set(jobs), jobs
+    assert sorted(re.findall(r"^\s+output: (\S+?),", "".join(_job_blocks(text, "train_segmenter")), re.M)) == [
+        "results/segmenter/model.pt", "results/segmenter_r0/model.pt"], text[-3000:]
+    bundle = torch.load(demo_run / "results/segmenter_r0/model.pt", weights_only=True)
+    assert bundle["kind"] == "unet_ensemble" and [m["seed"] for m in bundle["members"]] == [42, 43]
+    assert torch.load(demo_run / "results/segmenter/model.pt", weights_only=True)["kind"] == "unet"
+
+
 def test_changed_splits_are_not_kept_silently(demo_run, tmp_path):
     # splits reach scans.tsv through no job's inputs: other split settings must not leave the
     # old splits in place (and train on them) while the provenance records the new ones

@@ -7,7 +7,8 @@ the network some through-plane evidence at 2D cost.
 Encoders: ``resnet18`` / ``resnet34`` (torchvision, random init or a local weights file; the stem
 is rebuilt for ``in_channels``) or ``plain`` (a small VGG-style encoder, the lightest option for
 CPUs). The decoder is the usual upsample + skip concatenation + two 3x3 convs per level.
-Output: one logit map at the input resolution.
+Output: one logit map at the input resolution. :class:`UNetEnsemble`: members trained alike from
+different seeds, their mean probability as one logit map.
 """
 
 from __future__ import annotations
@@ -124,6 +125,27 @@ class UNet(nn.Module):
         if y.shape[-2:] != size:  # the ResNet stem works at /2: finish with a bilinear upsample
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return y
+
+
+class UNetEnsemble(nn.Module):
+    """U-Nets trained alike from different seeds; it predicts their mean probability.
+
+    ``forward`` returns the logit of the members' mean probability, so code that takes a U-Net's
+    logits (thresholds, test-time flips) takes an ensemble too.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        if len({m.in_channels for m in members}) != 1:
+            raise ValueError("the members of a U-Net ensemble must take the same input channels")
+        self.members = nn.ModuleList(members)
+        self.in_channels = members[0].in_channels
+
+    def forward(self, x):
+        p = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(p, eps=1e-7)
 
 
 def in_channels_for(n_windows: int, context: int) -> int:

@@ -438,6 +438,15 @@ def segmenter_target(model):
     return self_training_target(k)
 
 
+def segmenter_members(model):
+    """How many U-Nets a segmenter model averages: segmenter.self_training_ensemble for the
+    self-training rounds (segmenter_r{k}), whose mean probability makes the next round's targets;
+    one for the final and the upper-bound segmenter."""
+    if not model.startswith("segmenter_r"):
+        return 1
+    return int(config["segmenter"].get("self_training_ensemble", 1))
+
+
 def segmenter_training_inputs(wildcards):
     inputs = {
         "scans": f"{R}/scans.tsv",

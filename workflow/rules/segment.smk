@@ -24,10 +24,11 @@ rule train_segmenter:
     resources:
         gpu=1,
         mem_mb=32000,
-        runtime=720,
+        runtime=lambda wildcards: 720 * segmenter_members(wildcards.model),
     params:
         results=results_dir(1),
         target=lambda wildcards: segmenter_target(wildcards.model),
+        members=lambda wildcards: segmenter_members(wildcards.model),
         # the output settings are the segment rule's, execution keys the script reads from the
         # config: changing them retrains nothing
         config=lambda wildcards: {

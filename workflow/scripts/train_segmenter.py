@@ -10,6 +10,7 @@ distributed.train(
         scans_tsv=snakemake.input.scans,
         results_dir=snakemake.params.results,
         target=snakemake.params.target,
+        members=snakemake.params.members,
         bundle_out=snakemake.output.bundle,
         history_out=snakemake.output.history,
     ),
