@@ -231,15 +231,27 @@ def epoch_axis(hist: pd.DataFrame) -> tuple[pd.Series, list[tuple[float, str]]]:
     return x, [(x[i] - 0.5, stages[i]) for i in range(len(hist)) if i == 0 or stages[i] != stages[i - 1]]
 
 
+def kept_epochs(hist: pd.DataFrame, x: pd.Series) -> list[tuple[float, int]]:
+    """(x position, epoch) of each kept epoch: the last ``best`` row of the run or, for an
+    ensemble (stages named ``member k ...``), of each member. An earlier stage's best is not kept
+    (the classifier's slice stage hands on its last epoch), so only the last best counts."""
+    hist = hist.reset_index(drop=True)
+    if "best" not in hist:
+        return []
+    flags = hist["best"].astype(str).str.lower().isin(["true", "1"])
+    member = (hist["stage"].astype(str).str.extract(r"^(member \d+)")[0].fillna("") if "stage" in hist
+              else pd.Series("", index=hist.index))
+    epochs = pd.to_numeric(hist["epoch"], errors="coerce") if "epoch" in hist else x
+    last = [rows[-1] for rows in hist.index[flags].groupby(member[flags]).values()]
+    return sorted((float(x[i]), int(epochs[i])) for i in last)
+
+
 def training_figure(history_tsv, out_png, title: str) -> None:
     """Every numeric column of a training history against the epoch, one panel each."""
-    hist = read_tsv(history_tsv)
+    hist = read_tsv(history_tsv).reset_index(drop=True)
     x, starts = epoch_axis(hist)
-    best = None
-    if "best" in hist:
-        flags = hist["best"].astype(str).str.lower().isin(["true", "1"])
-        if flags.any():
-            best = float(x[flags].iloc[-1])
+    kept = kept_epochs(hist, x)
+    label = (f"kept epoch{'s' if len(kept) > 1 else ''} " + " / ".join(str(e) for _, e in kept)) if kept else ""
     cols = [c for c in hist.columns if c not in ("epoch", "best") and hist[c].dtype != bool
             and pd.to_numeric(hist[c], errors="coerce").notna().any()]
     n = max(1, len(cols))
@@ -253,8 +265,8 @@ def training_figure(history_tsv, out_png, title: str) -> None:
         pos = y[y > 0]
         if len(pos) == y.notna().sum() and len(pos) > 1 and pos.max() / pos.min() > 100:
             ax.set_yscale("log")  # learning rates and losses spanning decades
-        if best is not None:
-            ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best epoch {best:g}")
+        for j, (xb, _) in enumerate(kept):
+            ax.axvline(xb, color="tab:green", linestyle="--", linewidth=1, label=label if j == 0 else None)
         for xs, name in starts:
             ax.axvline(xs, color="0.5", linewidth=0.8)
             ax.text(xs + 0.2, 0.98, name, transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="0.35")
@@ -263,7 +275,7 @@ def training_figure(history_tsv, out_png, title: str) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if best is not None and i == 0:
+        if kept and i == 0:
             ax.legend(fontsize=8)
     if not cols:
         ax = fig.add_subplot(1, 1, 1)

@@ -410,7 +410,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
                           for settings, content in ((segmenter_training(sc), True), (sc, False))),
         )
         trained.append(model)
-        records.append({"seed": member_seed, "epoch": int(result["best_epoch"]), "best_score": result["best_score"]})
+        records.append({"seed": member_seed, "best_epoch": int(result["best_epoch"]), "best_score": result["best_score"]})
         h = pd.DataFrame(result["history"])
         if members > 1:
             h.insert(0, "stage", f"member {member + 1}")
@@ -430,7 +430,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
         "input_scale": 1.0 / 255.0, "target": target, "config": segmenter_training(sc),
         "threshold": float(sc["threshold"]), "versions": _versions(), "seed": seed, "world_size": hd.world_size(),
         # an ensemble's bundle describes member 0 like a single model, its members in ``members``
-        "epoch": records[0]["epoch"], "best_score": records[0]["best_score"],
+        "epoch": records[0]["best_epoch"], "best_score": records[0]["best_score"],
         "train_scans": len(tr[0]), "val_scans": len(va[0]),
     }
     with atomic_path(bundle_out) as tmp:

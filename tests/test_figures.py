@@ -18,6 +18,7 @@ from hemocam.figures import (
     provenance_html,
     reason_group,
     epoch_axis,
+    kept_epochs,
     training_figure,
 )
 from hemocam.io import load_nifti, read_tsv, save_nifti, write_tsv
@@ -120,6 +121,22 @@ def test_epoch_axis_lays_stages_one_after_the_other():
     assert x.tolist() == [1, 2, 3, 4, 5] and starts == [(0.5, "slices"), (3.5, "scans")]
     x, starts = epoch_axis(pd.DataFrame({"stage": ["scans"] * 2, "epoch": [1, 2]}))
     assert x.tolist() == [1, 2] and starts == []
+
+
+def test_kept_epochs_are_the_last_best_of_the_run_or_of_each_member():
+    def kept(stages, best, epochs=(1, 2, 3, 1, 2)):
+        hist = pd.DataFrame({"stage": stages, "epoch": list(epochs)[: len(stages)], "best": best})
+        return kept_epochs(hist, epoch_axis(hist)[0])
+
+    # the classifier's slice stage hands on its last epoch: its own best is not kept
+    assert kept(["slices"] * 3 + ["scans"] * 2, [True, True, False, True, False]) == [(4.0, 1)]
+    # an ensemble keeps one epoch per member, its stages named "member k ..."
+    assert kept(["member 1"] * 3 + ["member 2"] * 2, [True, False, True, True, True]) == [(3.0, 3), (5.0, 2)]
+    assert kept(["member 1 slices", "member 1 scans", "member 1 scans", "member 2 slices", "member 2 scans"],
+                [True, True, False, True, False], epochs=(1, 1, 2, 1, 1)) == [(2.0, 1), (4.0, 1)]
+    assert kept(["scans"] * 2, [False, False]) == []
+    one = pd.DataFrame({"epoch": [1, 2, 3], "best": [True, True, False]})
+    assert kept_epochs(one, epoch_axis(one)[0]) == [(2.0, 2)]
 
 
 def test_training_evaluation_cohort_figures(results, tmp_path):

@@ -80,7 +80,7 @@ def test_outputs_of_a_finished_run(run_dir):
     assert vols["p_any"].between(0, 1).all()
     gallery = sorted(p.stem for p in (R / "figures" / "gallery").glob("*.png"))
     assert gallery and set(gallery) <= ok
-    for name in ("cohort.png", "training_classifier.png", "training_segmenter.png",
+    for name in ("cohort.png", "training_classifier.png", "training_segmenter.png", "training_segmenter_r0.png",
                  "evaluation_dice.png", "evaluation_volume.png"):
         with Image.open(R / "figures" / name) as im:
             assert im.size[0] >= 300 and np.asarray(im.convert("L"), float).std() > 0, name

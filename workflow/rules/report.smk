@@ -103,7 +103,7 @@ rule figure_training:
     benchmark:
         f"{BENCH}/figure_training_{{model}}.tsv"
     wildcard_constraints:
-        model="classifier|segmenter|segmenter_gt",
+        model="classifier|segmenter|segmenter_gt|segmenter_r[0-9]+",
     conda:
         "../../envs/hemocam.yaml"
     threads: 1
@@ -111,11 +111,7 @@ rule figure_training:
         mem_mb=1000,
         runtime=10,
     params:
-        title=lambda wildcards: {
-            "classifier": "ResNet-LSTM slice classifier",
-            "segmenter": "U-Net on pseudo-masks",
-            "segmenter_gt": "U-Net on ground truth (upper bound)",
-        }[wildcards.model],
+        title=lambda wildcards: training_title(wildcards.model),
     script:
         "../scripts/figures_training.py"
 
