@@ -78,6 +78,8 @@ def _fake_snakemake(script, tmp, gpu, threads=4):
     params = {"config": {"seed": 1}, "results": str(tmp), "target": "pseudomask"}
     if script == "train_classifier.py":
         out["metrics"] = str(tmp / "metrics.tsv")
+    else:
+        params["members"] = 1
     return ns(input=ns(scans=str(tmp / "scans.tsv")), output=ns(**out), params=ns(**params),
               log=[str(tmp / "log.txt")], threads=threads, resources=ns(gpu=gpu, mem_mb=1000), config={})
 
@@ -218,13 +220,17 @@ def test_two_rank_gloo_segmenter_training(cohort, tmp_path):
     out = tmp_path / "segmenter_gt"
     seg = {"encoder": "plain", "base_channels": 4, "context_slices": 1, "epochs": 2, "batch_size": 2,
            "lr": 1e-3, "patience": 5, "num_workers": 0, "samples_per_epoch": 10, "augment": True}
-    params = {"config": {"seed": 2, "segmenter": seg}, "results": str(r), "target": "groundtruth"}
+    # a self-training round's ensemble of two: every rank trains each member in turn
+    params = {"config": {"seed": 2, "segmenter": seg}, "results": str(r), "target": "groundtruth", "members": 2}
     rc, log, text = _finish(_run_script("train_segmenter.py", r, out, params, gpus=2), out)
     assert rc == 0, f"{text}\n{log}"
     for k in (0, 1):
         assert f"segmenter training: rank {k} of 2 on cpu (gloo" in log, log
-    assert log.count("DDP: 2 ranks, 2 batches per rank per epoch") == 1, log  # 10 draws: 5 per rank
-    assert read_tsv(out / "history.tsv")["epoch"].tolist() == [1, 2]
+    assert log.count("DDP: 2 ranks, 2 batches per rank per epoch") == 2, log  # 10 draws: 5 per rank, per member
+    hist = read_tsv(out / "history.tsv")
+    assert hist["epoch"].tolist() == [1, 2, 1, 2] and hist["stage"].tolist() == ["member 1"] * 2 + ["member 2"] * 2
     bundle = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-    assert bundle["world_size"] == 2 and bundle["kind"] == "unet"
-    assert torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 2
+    assert bundle["world_size"] == 2 and bundle["kind"] == "unet_ensemble"
+    assert [m["seed"] for m in bundle["members"]] == [2, 3]
+    for ck in (out / "checkpoints" / "last.pt", out / "checkpoints" / "member1" / "last.pt"):
+        assert torch.load(ck, map_location="cpu", weights_only=False)["epoch"] == 2
