@@ -248,7 +248,7 @@ def kept_epochs(hist: pd.DataFrame, x: pd.Series) -> list[tuple[float, int]]:
 
 def training_figure(history_tsv, out_png, title: str) -> None:
     """Every numeric column of a training history against the epoch, one panel each."""
-    hist = read_tsv(history_tsv).reset_index(drop=True)
+    hist = read_tsv(history_tsv)
     x, starts = epoch_axis(hist)
     kept = kept_epochs(hist, x)
     label = (f"kept epoch{'s' if len(kept) > 1 else ''} " + " / ".join(str(e) for _, e in kept)) if kept else ""

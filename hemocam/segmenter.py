@@ -386,6 +386,7 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
     n_ch = tr[6]
     bundle_out = Path(bundle_out)
     inputs = _training_inputs(results_dir, target, tr[3] + va[3])
+    ckpt_dir = bundle_out.parent / "checkpoints"
     trained, records, histories = [], [], []
     for member in range(members):
         member_seed = seed + member
@@ -398,7 +399,6 @@ def train_segmenter(cfg: dict, scans_tsv, results_dir, target: str, bundle_out, 
                  "%s encoder, %d input channels, device %s", target,
                  f" member {member + 1}/{members} (seed {member_seed})" if members > 1 else "", len(train_ds),
                  int(pos.sum()), len(tr[0]), len(va[2]), len(va[0]), sc["encoder"], model.in_channels, dev)
-        ckpt_dir = bundle_out.parent / "checkpoints"
         result = fit(
             model, train_loader, val_loader, loss_fn=_loss_fn(float(sc["dice_weight"])), evaluate_fn=evaluate_fn,
             ckpt_dir=ckpt_dir / f"member{member}" if member else ckpt_dir, epochs=int(sc["epochs"]),

@@ -30,6 +30,24 @@ def cohort(tmp_path_factory):
     return R, scans
 
 
+def count_training_batches(monkeypatch, real=None) -> dict:
+    """Count the training batches ``train_segmenter`` runs from now on (``["n"]``)."""
+    real = real or seg._loss_fn
+    counted = {"n": 0}
+
+    def counting(dice_weight):
+        inner = real(dice_weight)
+
+        def loss_fn(model, batch, device):
+            counted["n"] += 1
+            return inner(model, batch, device)
+
+        return loss_fn
+
+    monkeypatch.setattr(seg, "_loss_fn", counting)
+    return counted
+
+
 def test_context_stacks():
     cache = np.arange(4 * 2 * 3 * 3, dtype=np.uint8).reshape(4, 2, 3, 3)
     s = seg.context_stack(cache, 0, 1)
@@ -120,18 +138,7 @@ def test_train_one_epoch_resume_and_segment(cohort, tmp_path, monkeypatch):
         assert not (mask.astype(bool) & ~brain.astype(bool)).any()
 
     # a raised epoch budget continues this training; regenerated inputs start a new one
-    counted = {"n": 0}
-
-    def counting(dice_weight):
-        inner = real(dice_weight)
-
-        def loss_fn(model, batch, device):
-            counted["n"] += 1
-            return inner(model, batch, device)
-
-        return loss_fn
-
-    monkeypatch.setattr(seg, "_loss_fn", counting)
+    counted = count_training_batches(monkeypatch, real)
     cfg3 = {"seed": 1, "segmenter": {**SEG, "epochs": 3, "patience": 10}}
     seg.train_segmenter(cfg3, R / "scans.tsv", R, "pseudomask", bundle, hist)
     assert list(read_tsv(hist)["epoch"]) == [1, 2, 3] and counted["n"] == 2  # epoch 3 only
@@ -162,19 +169,7 @@ def test_an_ensemble_round_keeps_its_first_member_and_averages_probabilities(coh
     R, scans = cohort
     cfg = {"seed": 5, "segmenter": SEG}
     bundle, hist = R / "segmenter_r0" / "model.pt", R / "segmenter_r0" / "history.tsv"
-    real = seg._loss_fn
-    counted = {"n": 0}
-
-    def counting(dice_weight):
-        inner = real(dice_weight)
-
-        def loss_fn(model, batch, device):
-            counted["n"] += 1
-            return inner(model, batch, device)
-
-        return loss_fn
-
-    monkeypatch.setattr(seg, "_loss_fn", counting)
+    counted = count_training_batches(monkeypatch)
     seg.train_segmenter(cfg, R / "scans.tsv", R, "pseudomask", bundle, hist)
     single = torch.load(bundle, weights_only=True)
     assert single["kind"] == "unet" and counted["n"] == 4  # 2 epochs x 2 batches
