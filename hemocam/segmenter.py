@@ -487,10 +487,9 @@ def output_config(output: dict | None) -> dict:
     return {k: (output or {}).get(k, DEFAULTS[k]) for k in SEGMENTER_OUTPUT_KEYS}
 
 
-def predict_mask(scan_id, results_dir, model, meta_b, device, output: dict | None = None, threshold: float | None = None):
+def predict_mask(scan_id, results_dir, model, meta_b, device, output: dict | None = None):
     """``(probabilities, mask, cache meta)`` of one scan on its NIfTI grid: the model's
-    probabilities, thresholded (at ``threshold``, else the bundle's) inside the brain mask and the
-    HU gate, small components dropped."""
+    probabilities, thresholded inside the brain mask and the HU gate, small components dropped."""
     o = output_config(output)
     R = Path(results_dir)
     cache, meta = load_cache(*cache_paths(R, scan_id))
@@ -504,7 +503,7 @@ def predict_mask(scan_id, results_dir, model, meta_b, device, output: dict | Non
     brain, _ = load_nifti(R / "brainmask" / f"{scan_id}.nii.gz")
     if brain.shape != prob_xyz.shape:
         raise InputError(f"{R / 'brainmask' / f'{scan_id}.nii.gz'}: shape {brain.shape} differs from the scan {prob_xyz.shape}")
-    mask = (prob_xyz >= float(meta_b["threshold"] if threshold is None else threshold)) & (brain > 0)
+    mask = (prob_xyz >= float(meta_b["threshold"])) & (brain > 0)
     hu, _ = load_nifti(R / "nifti" / f"{scan_id}.nii.gz")
     if hu.shape != mask.shape:
         raise InputError(f"{R / 'nifti' / f'{scan_id}.nii.gz'}: shape {hu.shape} differs from the scan {mask.shape}")
@@ -554,11 +553,10 @@ def _stamps(bundle_path, results_dir, manifest_out, dev, settings: dict, outputs
 
 # ----------------------------------------------------------------------------- self-training
 def self_training_scan(scan_id, results_dir, out_dir, model, meta_b, device, output: dict | None = None,
-                       labelled: bool = True, prob_threshold: float = 0.5, threshold: float | None = None) -> dict:
-    """The next round's pseudo-mask of one scan: this round's segmenter mask (cut at
-    ``threshold``, else the bundle's) on the slices the pseudo-masks' slice gate opens (slice
-    labels, or classifier probabilities when unlabelled)."""
-    _, mask, meta = predict_mask(scan_id, results_dir, model, meta_b, device, output, threshold)
+                       labelled: bool = True, prob_threshold: float = 0.5) -> dict:
+    """The next round's pseudo-mask of one scan: this round's segmenter mask on the slices the
+    pseudo-masks' slice gate opens (slice labels, or classifier probabilities when unlabelled)."""
+    _, mask, meta = predict_mask(scan_id, results_dir, model, meta_b, device, output)
     gate = np.zeros(mask.shape[2], bool)
     gate[positive_slices(scan_id, results_dir, mask.shape[2], labelled, prob_threshold)] = True
     mask &= gate[None, None, :]
@@ -568,18 +566,14 @@ def self_training_scan(scan_id, results_dir, out_dir, model, meta_b, device, out
 
 
 def self_training_batch(bundle_path, scan_ids, results_dir, out_dir, manifest_out, labelled: bool,
-                        prob_threshold: float = 0.5, upstream=(), device=None, output=None, threshold: float | None = None):
+                        prob_threshold: float = 0.5, upstream=(), device=None, output=None):
     """Write ``out_dir/{id}.nii.gz`` (uint8), the next self-training round's targets, for a batch
-    of scans with the model loaded once (see :func:`self_training_scan`); ``threshold``: where
-    the round's probabilities become targets (``segmenter.self_training_threshold``; None: the
-    bundle's own)."""
+    of scans with the model loaded once (see :func:`self_training_scan`)."""
     model, meta_b, dev = load_segmenter(bundle_path, device)
-    cut = float(meta_b["threshold"] if threshold is None else threshold)
     fn = functools.partial(self_training_scan, results_dir=results_dir, out_dir=out_dir, model=model, meta_b=meta_b,
-                           device=dev, output=output, labelled=labelled, prob_threshold=prob_threshold, threshold=cut)
+                           device=dev, output=output, labelled=labelled, prob_threshold=prob_threshold)
     out = Path(out_dir)
     stamps = _stamps(bundle_path, results_dir, manifest_out, dev,
-                     {"output": output_config(output), "labelled": bool(labelled), "prob_threshold": float(prob_threshold),
-                      **({"threshold": cut} if cut != float(meta_b["threshold"]) else {})},
+                     {"output": output_config(output), "labelled": bool(labelled), "prob_threshold": float(prob_threshold)},
                      lambda sid: [out / f"{sid}.nii.gz"], gate=lambda sid: slice_gate_path(sid, results_dir, labelled))
     return run_batch("self_training", list(scan_ids), fn, manifest_out, upstream=upstream, stamps=stamps)

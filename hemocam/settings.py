@@ -22,10 +22,9 @@ CLASSIFIER_EVALUATION_KEYS = ("tta",)
 EXECUTION_KEYS = ("num_workers",)
 
 # whether the upper-bound segmenter is trained at all, how many self-training rounds precede the
-# final one, how many U-Nets each round averages and where their probability becomes the next
-# round's target: no setting of any one model (a round's target and member count are its rule's
-# own params, the cut the self-training rule's; a member is its seed)
-SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training", "self_training_ensemble", "self_training_threshold")
+# final one and how many U-Nets each round averages: no setting of any one model (a round's
+# target and member count are its rule's own params; a member is its seed)
+SEGMENTER_WORKFLOW_KEYS = ("upper_bound", "self_training", "self_training_ensemble")
 
 
 # keys replaced by physical units (2026-11-30): a config that still set them would be ignored.

@@ -148,14 +148,6 @@ def test_segmenter_output_settings_rerun_inference_only(demo_run, tmp_path):
     assert jobs.get("self_training_batch") and jobs.get("train_segmenter") == 1 and "train_classifier" not in jobs, jobs
     assert re.findall(r"^\s+output: (\S+)", "".join(_job_blocks(text, "train_segmenter")), re.M) == [
         "results/segmenter/model.pt,"], text[-3000:]
-    # so does the cut that makes round 1's targets from round 0's probabilities, and nothing else
-    overlay.write_text("segmenter:\n  self_training_threshold: 0.4\n")
-    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    text = out.stdout + out.stderr
-    jobs = dry_run_jobs(text)
-    assert jobs.get("self_training_batch") and jobs.get("train_segmenter") == 1 and "pseudomask_batch" not in jobs, jobs
-    assert re.findall(r"^\s+output: (\S+)", "".join(_job_blocks(text, "train_segmenter")), re.M) == [
-        "results/segmenter/model.pt,"], text[-3000:]
     overlay.write_text("segmenter:\n  hu_max: 110\n  self_training: 0\n")
     out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
     jobs = dry_run_jobs(out.stdout + out.stderr)

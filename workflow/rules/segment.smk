@@ -63,7 +63,6 @@ rule self_training_batch:
         results=results_dir(2),
         # the segmenter's output settings shape the masks that become the next round's targets
         output=segmenter_output(config["segmenter"]),
-        threshold=config["segmenter"]["self_training_threshold"],
         labelled=has_labels(),
         prob_threshold=config["pseudomask"]["prob_threshold"],
     script:

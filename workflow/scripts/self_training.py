@@ -14,5 +14,4 @@ self_training_batch(
     prob_threshold=snakemake.params.prob_threshold,
     upstream=[snakemake.input.targets],
     output=snakemake.params.output,
-    threshold=snakemake.params.threshold,
 )
