@@ -93,10 +93,7 @@ def test_a_project_moved_whole_reruns_nothing(demo_run, tmp_path):
 
 def test_cam_parameter_reruns_only_what_follows(demo_run, tmp_path):
     # a config file, not --config: snakemake reads nested --config values as strings
-    overlay = tmp_path / "cam.yaml"
-    overlay.write_text("cam:\n  method: gradcampp\n")
-    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    jobs = dry_run_jobs(out.stdout + out.stderr)
+    _, jobs = _dry_run_with(demo_run, tmp_path / "cam.yaml", "cam:\n  method: gradcampp\n")
     assert jobs.get("cam_batch") and jobs.get("pseudomask_batch") and jobs.get("evaluate")
     for untouched in ("demo_cohort", "ingest_batch", "preprocess_batch", "train_classifier", "classify_batch"):
         assert untouched not in jobs, jobs
@@ -107,16 +104,26 @@ def test_conversion_settings_rerun_ingestion(demo_run, tmp_path):
     shutil.copytree(demo_run, copy, symlinks=True)
     plans = sorted((copy / "results/ingest/plan").glob("*.tsv"))
     before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in plans]
-    overlay = tmp_path / "ingest.yaml"
-    overlay.write_text("ingest:\n  max_outside_fraction: 0.02\n")
-    out = run_snakemake(copy, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    jobs = dry_run_jobs(out.stdout + out.stderr)
+    _, jobs = _dry_run_with(copy, tmp_path / "ingest.yaml", "ingest:\n  max_outside_fraction: 0.02\n")
     assert jobs.get("ingest_batch") == len(plans) and jobs.get("preprocess_batch"), jobs
     # the dry run lists the rerun but changes no plan: back at the old setting, nothing reruns
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in plans] == before
     out = run_snakemake(copy, "-n")
     assert "Nothing to be done" in out.stdout + out.stderr, out.stdout[-3000:]
     assert not (copy / "results/ingest/plan/dryrun").exists()
+
+
+def _dry_run_with(workdir, overlay, settings: str) -> tuple[str, dict]:
+    """The dry run's printout and planned jobs with ``settings`` (YAML) as the last config file."""
+    overlay.write_text(settings)
+    out = run_snakemake(workdir, "-n", configfiles=(CPU_SMALL, TINY, overlay))
+    text = out.stdout + out.stderr
+    return text, dry_run_jobs(text)
+
+
+def _trained_models(text: str) -> list[str]:
+    """The bundles the dry run's train_segmenter jobs would write, sorted."""
+    return sorted(re.findall(r"^\s+output: (\S+?),", "".join(_job_blocks(text, "train_segmenter")), re.M))
 
 
 def _job_blocks(output: str, rule: str) -> list[str]:
@@ -139,38 +146,25 @@ def test_batch_time_limits_grow_with_their_scans(demo_run, tmp_path):
 def test_segmenter_output_settings_rerun_inference_only(demo_run, tmp_path):
     # the HU gate shapes what is written from the model's probabilities, not the model
     overlay = tmp_path / "gate.yaml"
-    overlay.write_text("segmenter:\n  hu_max: 110\n")
-    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    text = out.stdout + out.stderr
-    jobs = dry_run_jobs(text)
+    text, jobs = _dry_run_with(demo_run, overlay, "segmenter:\n  hu_max: 110\n")
     assert jobs.get("segment_batch") and "evaluate" in jobs, jobs
     # with self-training it also shapes round 1's targets: only the model trained on them retrains
     assert jobs.get("self_training_batch") and jobs.get("train_segmenter") == 1 and "train_classifier" not in jobs, jobs
-    assert re.findall(r"^\s+output: (\S+)", "".join(_job_blocks(text, "train_segmenter")), re.M) == [
-        "results/segmenter/model.pt,"], text[-3000:]
-    overlay.write_text("segmenter:\n  hu_max: 110\n  self_training: 0\n")
-    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    jobs = dry_run_jobs(out.stdout + out.stderr)
+    assert _trained_models(text) == ["results/segmenter/model.pt"], text[-3000:]
+    _, jobs = _dry_run_with(demo_run, overlay, "segmenter:\n  hu_max: 110\n  self_training: 0\n")
     assert jobs.get("segment_batch") and jobs.get("train_segmenter") == 1 and "self_training_batch" not in jobs, jobs
     # dropping the upper bound changes what is evaluated, not the weakly supervised segmenter
-    overlay.write_text("segmenter:\n  upper_bound: false\n")
-    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    jobs = dry_run_jobs(out.stdout + out.stderr)
+    _, jobs = _dry_run_with(demo_run, overlay, "segmenter:\n  upper_bound: false\n")
     assert "train_segmenter" not in jobs and "segment_batch" not in jobs and "train_classifier" not in jobs, jobs
 
 
 def test_a_larger_first_round_ensemble_retrains_the_rounds_only(demo_run, tmp_path):
     # the tiny overlay's round 0 averages two U-Nets; a third one retrains round 0 (which keeps its
     # members, test_segmenter) and the final model on the new targets, nothing upstream
-    overlay = tmp_path / "members.yaml"
-    overlay.write_text("segmenter:\n  self_training_ensemble: 3\n")
-    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    text = out.stdout + out.stderr
-    jobs = dry_run_jobs(text)
+    text, jobs = _dry_run_with(demo_run, tmp_path / "members.yaml", "segmenter:\n  self_training_ensemble: 3\n")
     assert jobs.get("self_training_batch") and jobs.get("train_segmenter") == 2, jobs
     assert not {"train_classifier", "cam_batch", "pseudomask_batch"} & set(jobs), jobs
-    assert sorted(re.findall(r"^\s+output: (\S+?),", "".join(_job_blocks(text, "train_segmenter")), re.M)) == [
-        "results/segmenter/model.pt", "results/segmenter_r0/model.pt"], text[-3000:]
+    assert _trained_models(text) == ["results/segmenter/model.pt", "results/segmenter_r0/model.pt"], text[-3000:]
     bundle = torch.load(demo_run / "results/segmenter_r0/model.pt", weights_only=True)
     assert bundle["kind"] == "unet_ensemble" and [m["seed"] for m in bundle["members"]] == [42, 43]
     assert torch.load(demo_run / "results/segmenter/model.pt", weights_only=True)["kind"] == "unet"
@@ -190,8 +184,6 @@ def test_changed_splits_are_not_kept_silently(demo_run, tmp_path):
 def test_execution_settings_rerun_no_science(demo_run, tmp_path):
     # time limits and the segmenter's loader workers say how the workflow runs, not what it
     # computes: only the provenance record (which keeps the whole config) is rewritten
-    overlay = tmp_path / "times.yaml"
-    overlay.write_text("batching:\n  seconds_per_scan:\n    segment: 60\nsegmenter:\n  num_workers: 3\n")
-    out = run_snakemake(demo_run, "-n", configfiles=(CPU_SMALL, TINY, overlay))
-    jobs = dry_run_jobs(out.stdout + out.stderr)
+    _, jobs = _dry_run_with(demo_run, tmp_path / "times.yaml",
+                            "batching:\n  seconds_per_scan:\n    segment: 60\nsegmenter:\n  num_workers: 3\n")
     assert set(jobs) <= {"provenance", "provenance_page", "all"}, jobs
