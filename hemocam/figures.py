@@ -19,10 +19,12 @@ import shutil
 from functools import partial
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.legend_handler import HandlerTuple
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
@@ -153,15 +155,18 @@ def scan_figure(scan_id: str, results_dir, out_png, n_slices: int = 4) -> dict:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.text(0.02, 0.5, "R", color="yellow", fontsize=8, transform=ax.transAxes, va="center")
-    handles = []
-    if cam is not None:
-        handles.append(Patch(facecolor="orange", alpha=0.6, label="CAM"))
+    handles, labels = [], []
+    if cam is not None:  # the heat map's own colours, low to high (a single swatch read as "CAM = that colour")
+        jet = matplotlib.colormaps["jet"]
+        handles.append(tuple(Patch(facecolor=jet(v), alpha=0.6) for v in (0.1, 0.35, 0.65, 0.9)))
+        labels.append("CAM, low to high")
     for key, (_folder, label, colour, style) in OVERLAYS.items():
         if masks[key] is not None:
-            handles.append(Line2D([], [], color=colour, linestyle=style, label=label))
+            handles.append(Line2D([], [], color=colour, linestyle=style))
+            labels.append(label)
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
-                   labelcolor="white")
+        fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+                   labelcolor="white", handler_map={tuple: HandlerTuple(ndivide=None, pad=0)})
     pred_ml = float(masks["prediction"].sum()) * voxel_ml if masks["prediction"] is not None else float("nan")
     gt_ml = float(masks["truth"].sum()) * voxel_ml if masks["truth"] is not None else float("nan")
     title = f"{scan_id}   slices by {basis}"

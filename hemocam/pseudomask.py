@@ -41,7 +41,7 @@ against 0.515. Those are the defaults. A one-voxel regrowth (2026-11-30, the sam
 with a two-voxel margin 0.533 and 0.553), test 0.574 against 0.506: the margin had taken the
 outer layer of every bleed against the skull, so the targets under-read (-107 voxels a bleed on
 training and validation, -61 with the regrowth). The segmenter trained on them (one training
-each; README, "Quality on the demo cohort"): test / validation 0.578 / 0.513 with the regrowth,
+each; docs/quality.md, "The runs before the shipped one"): test / validation 0.578 / 0.513 with the regrowth,
 0.494 / 0.518 with the margin alone, 0.543 / 0.450 with ``kmeans`` and no margin.
 
 ``cam_mode`` says how the CAM restricts the result: ``region`` (default) keeps voxels inside the
