@@ -375,3 +375,16 @@ def shipped_config(preset: str | None = None) -> dict:
             else:
                 cfg[k] = v
     return cfg
+
+
+def run_config(run: Path, preset: str = "config/presets/cpu-small.yaml") -> dict:
+    """The config a finished run used: its ``config/config.yaml`` with ``preset`` merged over it
+    (nested sections key by key, as Snakemake merges ``--configfile``)."""
+    import yaml  # not on the GPU machine's path of the speed benchmarks
+
+    def merge(a: dict, b: dict) -> dict:
+        for k, v in b.items():
+            a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return a
+
+    return merge(yaml.safe_load(open(Path(run) / "config/config.yaml")), yaml.safe_load(open(Path(run) / preset)))

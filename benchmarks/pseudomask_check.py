@@ -15,21 +15,15 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
 import numpy as np
-import yaml
+from benchlib import run_config  # the script's folder is on sys.path
 from hemocam.io import load_nifti, read_tsv, voxel_spacing
 from hemocam.metrics import dice3d
 from hemocam.pseudomask import build_pseudomask
 
 
-def merge(a: dict, b: dict) -> dict:
-    for k, v in b.items():
-        a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return a
-
-
 run, over = Path(sys.argv[1]), json.loads(sys.argv[2])
 extra_axial_only = len(sys.argv) > 3 and sys.argv[3] == "extra-axial"
-cfg = merge(yaml.safe_load(open(run / "config/config.yaml")), yaml.safe_load(open(run / "config/presets/cpu-small.yaml")))
+cfg = run_config(run)
 shipped = dict(cfg["pseudomask"])
 changed = dict(shipped, **{k.split(".", 1)[1]: v for k, v in over.items()})
 R = run / "results"

@@ -14,22 +14,16 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, ".")
 import numpy as np
-import yaml
+from benchlib import run_config  # the script's folder is on sys.path
 from hemocam.io import load_nifti, read_tsv
 from hemocam.metrics import dice3d
 from hemocam.segmenter import load_segmenter, predict_mask, train_segmenter
 from hemocam.settings import SEGMENTER_OUTPUT_KEYS
 
 
-def merge(a: dict, b: dict) -> dict:
-    for k, v in b.items():
-        a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return a
-
-
 run, out, seed, over = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 target = sys.argv[5] if len(sys.argv) > 5 else "pseudomask_r1"
-cfg = merge(yaml.safe_load(open(run / "config/config.yaml")), yaml.safe_load(open(run / "config/presets/cpu-small.yaml")))
+cfg = run_config(run)
 for k, v in over.items():
     sec, key = k.split(".")
     cfg[sec][key] = v
