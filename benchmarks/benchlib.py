@@ -358,9 +358,17 @@ def _mini_yaml(text: str) -> dict:
     return out
 
 
-def shipped_config(preset: str | None = None) -> dict:
-    """config/config.yaml, with a preset (e.g. config/presets/cpu-small.yaml) merged over it."""
-    paths = [ROOT / "config" / "config.yaml"] + ([ROOT / preset] if preset else [])
+def _merge(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, nested sections key by key, as Snakemake merges ``--configfile``."""
+    for k, v in b.items():
+        a[k] = _merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return a
+
+
+def shipped_config(preset: str | None = None, root: Path = ROOT) -> dict:
+    """config/config.yaml, with a preset (e.g. config/presets/cpu-small.yaml) merged over it;
+    ``root``: the checkout (or a finished run's working directory) they are read from."""
+    paths = [Path(root) / "config" / "config.yaml"] + ([Path(root) / preset] if preset else [])
     try:
         import yaml
 
@@ -369,22 +377,5 @@ def shipped_config(preset: str | None = None) -> dict:
         load = _mini_yaml
     cfg: dict = {}
     for p in paths:
-        for k, v in (load(Path(p).read_text()) or {}).items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k].update(v)
-            else:
-                cfg[k] = v
+        _merge(cfg, load(Path(p).read_text()) or {})
     return cfg
-
-
-def run_config(run: Path, preset: str = "config/presets/cpu-small.yaml") -> dict:
-    """The config a finished run used: its ``config/config.yaml`` with ``preset`` merged over it
-    (nested sections key by key, as Snakemake merges ``--configfile``)."""
-    import yaml  # not on the GPU machine's path of the speed benchmarks
-
-    def merge(a: dict, b: dict) -> dict:
-        for k, v in b.items():
-            a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return a
-
-    return merge(yaml.safe_load(open(Path(run) / "config/config.yaml")), yaml.safe_load(open(Path(run) / preset)))

@@ -15,15 +15,15 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
 import numpy as np
-from benchlib import run_config  # the script's folder is on sys.path
+from benchlib import shipped_config  # the script's folder is on sys.path
 from hemocam.io import load_nifti, read_tsv, voxel_spacing
 from hemocam.metrics import dice3d
-from hemocam.pseudomask import build_pseudomask
+from hemocam.pseudomask import build_pseudomask, positive_slices
 
 
 run, over = Path(sys.argv[1]), json.loads(sys.argv[2])
 extra_axial_only = len(sys.argv) > 3 and sys.argv[3] == "extra-axial"
-cfg = run_config(run)
+cfg = shipped_config("config/presets/cpu-small.yaml", root=run)
 shipped = dict(cfg["pseudomask"])
 changed = dict(shipped, **{k.split(".", 1)[1]: v for k, v in over.items()})
 R = run / "results"
@@ -36,16 +36,16 @@ for sid, split in scans.loc[(scans.status == "ok") & scans.split.isin(["train", 
     hu, affine = load_nifti(R / "nifti" / f"{sid}.nii.gz")
     cam = load_nifti(R / "cam" / f"{sid}.nii.gz", dtype=np.float32)[0]
     brain = load_nifti(R / "brainmask" / f"{sid}.nii.gz")[0]
-    labels = read_tsv(R / "labels" / f"{sid}.tsv")
-    pos = labels["slice"].to_numpy()[labels["any"].to_numpy() >= 0.5]
+    pos = positive_slices(sid, R, hu.shape[2], labelled=True, prob_threshold=shipped["prob_threshold"])
     spacing = voxel_spacing(affine)
     base = build_pseudomask(hu, cam, brain, pos, shipped, spacing)
     new = build_pseudomask(hu, cam, brain, pos, changed, spacing)
     if extra_axial_only:
+        labels = read_tsv(R / "labels" / f"{sid}.tsv")
         cols = [c for c in ("epidural", "subdural") if c in labels]
-        ea = labels["slice"].to_numpy()[(labels[cols].to_numpy() >= 0.5).any(1)] if cols else []
-        new, keep = base.copy(), new
-        new[:, :, ea] = keep[:, :, ea]
+        extra_axial = np.zeros(hu.shape[2], bool)
+        extra_axial[labels["slice"].to_numpy()[(labels[cols].to_numpy() >= 0.5).any(1)]] = True
+        new = np.where(extra_axial[None, None, :], new, base)
     rows.append((sid, split, dice3d(base, truth), dice3d(new, truth), int(new.sum()) - int(base.sum())))
 print("scan split run-settings overrides voxels-added")
 for sid, split, a, b, dv in rows:

@@ -14,7 +14,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, ".")
 import numpy as np
-from benchlib import run_config  # the script's folder is on sys.path
+from benchlib import shipped_config  # the script's folder is on sys.path
 from hemocam.io import load_nifti, read_tsv
 from hemocam.metrics import dice3d
 from hemocam.segmenter import load_segmenter, predict_mask, train_segmenter
@@ -23,7 +23,7 @@ from hemocam.settings import SEGMENTER_OUTPUT_KEYS
 
 run, out, seed, over = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 target = sys.argv[5] if len(sys.argv) > 5 else "pseudomask_r1"
-cfg = run_config(run)
+cfg = shipped_config("config/presets/cpu-small.yaml", root=run)
 for k, v in over.items():
     sec, key = k.split(".")
     cfg[sec][key] = v
